@@ -1,0 +1,256 @@
+"""The LoRAExperiment resource: one RL fine-tuning run of one LoRA adapter on a shared runtime."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
+from clora.constants import API_VERSION, EXPERIMENT_KIND
+
+TaskName = Literal["gsm8k", "arithmetic"]
+RewardName = Literal["exact-match", "numeric", "format-and-exact"]
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+Phase = Literal["Pending", "Queued", "Scheduled", "Running", "Suspended", "Succeeded", "Failed"]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+# "all-linear" or a non-empty list of module names. Kubernetes' structural schemas cannot say
+# "string or list", so the CRD keeps the node untyped and a CEL rule checks its shape.
+TargetModules = Annotated[
+    Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]],
+    WithJsonSchema(
+        {
+            "x-kubernetes-preserve-unknown-fields": True,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == string ? self == 'all-linear'"
+                    " : (type(self) == list && size(self) > 0)",
+                    "message": "must be 'all-linear' or a non-empty list of module names",
+                }
+            ],
+        }
+    ),
+]
+
+
+class ConfigMapKey(SpecModel):
+    """A key of a ConfigMap in the experiment's namespace."""
+
+    name: str = Field(min_length=1)
+    """The ConfigMap's name."""
+    key: str = Field(min_length=1)
+    """The key whose value holds the JSONL records."""
+
+
+class Dataset(SpecModel):
+    """Where a task's records come from: a file inside the runtime pod, or a ConfigMap key."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.path) != has(self.configMap)",
+                    "message": "set exactly one of path, configMap",
+                }
+            ]
+        }
+    )
+
+    path: str | None = Field(None, min_length=1)
+    """A JSONL file inside the runtime pod, one record per line."""
+    config_map: ConfigMapKey | None = None
+    """A ConfigMap key whose value is the JSONL records."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Dataset:
+        if (self.path is None) == (self.config_map is None):
+            raise ValueError("set exactly one of path, configMap")
+        return self
+
+
+class Task(SpecModel):
+    """What the experiment learns and how completions are scored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.name != 'gsm8k' || has(self.dataset)",
+                    "message": "dataset is required for task gsm8k",
+                    "fieldPath": ".dataset",
+                    "reason": "FieldValueRequired",
+                }
+            ]
+        }
+    )
+
+    name: TaskName
+    """The built-in task: gsm8k (JSONL records of question and answer, the reference after ####)
+    or arithmetic (synthetic problems generated from the seed)."""
+    dataset: Dataset | None = None
+    """The task's records; required for gsm8k."""
+    difficulty: int = Field(1, ge=1, le=3)
+    """arithmetic only: 1 one-digit sums, 2 two-digit sums and differences, 3 multi-step."""
+    reward: RewardName = "exact-match"
+    """How a completion is scored against the reference: exact-match (the last number equals it),
+    numeric (closeness of the last number), format-and-exact (an answer in the asked format, and right)."""
+    system_prompt: str = ""
+    """A system message put before every prompt."""
+
+    @model_validator(mode="after")
+    def _dataset_for_gsm8k(self) -> Task:
+        if self.name == "gsm8k" and self.dataset is None:
+            raise ValueError("dataset is required for task gsm8k")
+        return self
+
+
+class LoRAConfig(SpecModel):
+    """The adapter's shape. Immutable once the experiment exists."""
+
+    rank: int = Field(16, ge=1, le=512)
+    """The LoRA rank r: the inner size of the low-rank update B @ A."""
+    alpha: float = Field(32.0, gt=0)
+    """The LoRA scaling numerator: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: TargetModules = "all-linear"
+    """The modules that get an adapter: all-linear (every linear layer of the decoder but the LM head)
+    or a list of module names such as [q_proj, v_proj]."""
+
+
+class Training(SpecModel):
+    """The RL (GRPO-style policy gradient) hyper-parameters."""
+
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train; omit for a continual experiment that runs until deleted."""
+    learning_rate: float = Field(5.0e-5, gt=0)
+    """AdamW learning rate of this adapter."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled per step."""
+    group_size: int = Field(8, ge=2)
+    """Completions sampled per prompt; advantages are relative to the group."""
+    max_new_tokens: int = Field(256, ge=1, le=32768)
+    """The longest completion, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    loss_type: LossType = "dr_grpo"
+    """grpo: per-sequence token mean, advantages divided by the group std (DeepSeekMath);
+    dr_grpo: no std division, normalised by a constant token count (Dr. GRPO, Liu et al. 2025);
+    dapo: token-level mean over the whole batch (DAPO, Yu et al. 2025)."""
+    clip_epsilon: float = Field(0.2, ge=0)
+    """PPO-style clipping of the probability ratio."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the base model (the model with the adapter off)."""
+    seed: int = Field(0, ge=0)
+    """Seeds the adapter's initialisation, the task's problems and the sampling."""
+
+
+class CheckpointPolicy(SpecModel):
+    """When the adapter is checkpointed."""
+
+    every_steps: int = Field(10, ge=1)
+    """Checkpoint every this many steps (and always when the experiment leaves its runtime)."""
+    keep: int = Field(3, ge=1)
+    """How many checkpoints to keep; older ones are deleted."""
+
+
+class LoRAExperimentSpec(SpecModel):
+    """One RL fine-tuning experiment: a task, an adapter shape and the training hyper-parameters."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.runtime == oldSelf.runtime",
+                    "message": "runtime is immutable",
+                    "fieldPath": ".runtime",
+                },
+                {"rule": "self.lora == oldSelf.lora", "message": "lora is immutable", "fieldPath": ".lora"},
+            ]
+        }
+    )
+
+    runtime: str = Field(min_length=1)
+    """The LoRARuntime (same namespace) whose pods train this experiment. Immutable."""
+    suspend: bool = False
+    """true: checkpoint, leave the runtime and free the slot; false again: resume from the checkpoint."""
+    priority: int = 0
+    """Higher is admitted first and may preempt lower-priority experiments."""
+    task: Task
+    """What to learn and how it is scored."""
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    """The adapter's shape. Immutable."""
+    training: Training = Field(default_factory=Training)
+    """Training hyper-parameters."""
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    """Checkpoint policy."""
+
+    def tokens_per_tick(self) -> int:
+        """The sampling budget this experiment takes from its pod each tick."""
+        t = self.training
+        return t.prompts_per_step * t.group_size * t.max_new_tokens
+
+
+class Reward(StatusModel):
+    """Reward figures of the experiment."""
+
+    mean: float | None = None
+    """Mean reward of the last step."""
+    best: float | None = None
+    """The best step mean so far."""
+    window: float | None = None
+    """Mean reward of the last 10 steps."""
+
+
+class CheckpointRef(StatusModel):
+    """A checkpoint the runtime wrote."""
+
+    step: int
+    """The step it was taken at."""
+    path: str
+    """Its directory inside the runtime pod (on the checkpoint volume)."""
+    time: datetime | None = None
+    """When it was written."""
+
+
+class LoRAExperimentStatus(StatusModel):
+    """What the experiment is doing, written by the operator."""
+
+    phase: Phase = "Pending"
+    """Pending, Queued (waiting for room), Scheduled, Running, Suspended, Succeeded or Failed."""
+    runtime_pod: str | None = None
+    """The runtime pod training the experiment."""
+    node: str | None = None
+    """The node of that pod."""
+    step: int = 0
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Steps asked for; empty for a continual experiment."""
+    reward: Reward = Field(default_factory=Reward)
+    """Reward figures."""
+    last_checkpoint: CheckpointRef | None = None
+    """The newest checkpoint."""
+    start_time: datetime | None = None
+    """When training started."""
+    completion_time: datetime | None = None
+    """When the experiment Succeeded or Failed."""
+    message: str = ""
+    """Why it is in its phase, for people."""
+    observed_generation: int | None = None
+    """The metadata.generation this status was computed from."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Admitted, Scheduled, Running, Checkpointed, Succeeded and Failed conditions."""
+
+
+class LoRAExperiment(BaseModel):
+    """One RL LoRA fine-tuning experiment, trained on a warm shared runtime."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    api_version: Literal["clora.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["LoRAExperiment"] = EXPERIMENT_KIND
+    metadata: ObjectMeta
+    spec: LoRAExperimentSpec
+    status: LoRAExperimentStatus | None = None

@@ -1,0 +1,171 @@
+"""The LoRARuntime resource: a pool of warm runtime pods, one per matching node, sharing one base model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
+from clora.constants import API_VERSION, RUNTIME_KIND
+
+# A Kubernetes quantity: 1, "500m", "16Gi".
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+DEFAULT_CHECKPOINT_MOUNT = "/var/lib/clora/checkpoints"
+
+
+class Capacity(SpecModel):
+    """How much one runtime pod takes on."""
+
+    max_adapters: int = Field(8, ge=1, le=256)
+    """Experiments (LoRA adapters) one pod trains at once: its number of adapter slots."""
+    max_rank: int = Field(64, ge=1, le=512)
+    """The largest LoRA rank an experiment on this pool may ask for."""
+    tokens_per_tick: int = Field(65536, ge=1)
+    """The pod's sampling budget per tick, in tokens. An experiment weighs
+    promptsPerStep x groupSize x maxNewTokens against it when it is packed."""
+
+
+class Toleration(SpecModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = None
+    """The taint key the toleration applies to; empty with operator Exists matches every key."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (the default)."""
+    value: str | None = None
+    """The taint value the toleration matches, with operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect to match; empty matches every effect."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated before eviction."""
+
+
+class ResourceRequirements(SpecModel):
+    """Container resources (core/v1 ResourceRequirements)."""
+
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    """Resource limits, e.g. {nvidia.com/gpu: 1, memory: 40Gi}."""
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    """Resource requests, e.g. {cpu: "4", memory: 32Gi}."""
+
+
+class PersistentVolumeClaimSource(SpecModel):
+    """A reference to a PersistentVolumeClaim in the runtime's namespace."""
+
+    claim_name: str = Field(min_length=1)
+    """The claim's name."""
+    read_only: bool = False
+    """Mount read-only (checkpoints then cannot be written)."""
+
+
+class HostPathSource(SpecModel):
+    """A directory on the node."""
+
+    path: str = Field(min_length=1)
+    """The directory's path on the node."""
+    type: str | None = None
+    """The hostPath type, e.g. DirectoryOrCreate."""
+
+
+class EmptyDirSource(SpecModel):
+    """A scratch directory that lives as long as the pod."""
+
+    medium: Literal["", "Memory"] | None = None
+    """Empty for node disk, Memory for tmpfs."""
+    size_limit: Quantity | None = None
+    """The most the directory may hold."""
+
+
+class CheckpointVolume(SpecModel):
+    """Where adapter checkpoints are kept: exactly one volume source, mounted at mountPath."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0)"
+                    " + (has(self.emptyDir) ? 1 : 0) <= 1",
+                    "message": "set at most one of persistentVolumeClaim, hostPath, emptyDir",
+                }
+            ]
+        }
+    )
+
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    """Keep checkpoints on a PersistentVolumeClaim (survives pod and node loss when the storage does)."""
+    host_path: HostPathSource | None = None
+    """Keep checkpoints on the node's disk."""
+    empty_dir: EmptyDirSource | None = None
+    """Keep checkpoints in the pod's scratch space (lost with the pod)."""
+    mount_path: str = DEFAULT_CHECKPOINT_MOUNT
+    """Where the volume is mounted inside the runtime container."""
+
+
+class LoRARuntimeSpec(SpecModel):
+    """The desired pool of warm runtime pods."""
+
+    base_model: str = Field(min_length=1)
+    """The base model: a Hugging Face model id, a path inside the pod, or a built-in name
+    (smollm2: SmolLM2-135M-Instruct shipped with clora; tiny: a few-million-parameter test model)."""
+    image: str | None = None
+    """The runtime container image; defaults to the operator's own image."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Labels a node must carry to get a runtime pod."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the runtime pods tolerate, e.g. of GPU nodes."""
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """Container resources of each runtime pod, e.g. limits {nvidia.com/gpu: 1}."""
+    capacity: Capacity = Field(default_factory=Capacity)
+    """How many experiments, of what rank and sampling budget, one pod takes on."""
+    sampler: Literal["torch", "vllm"] = "torch"
+    """The sampling engine: torch (built in, any device) or vllm (GPU nodes)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The base model's dtype; auto is bfloat16 on a GPU and float32 on a CPU."""
+    checkpoint_volume: CheckpointVolume = Field(default_factory=CheckpointVolume)
+    """The volume adapter checkpoints are written to; with no source, the pod's scratch space."""
+
+
+class RuntimePodStatus(StatusModel):
+    """One runtime pod of the pool."""
+
+    name: str
+    """The pod's name."""
+    node: str = ""
+    """The node the pod runs on."""
+    ready: bool = False
+    """Whether the pod's runtime answers /readyz (base model loaded)."""
+    experiments: list[str] = Field(default_factory=list)
+    """The experiments placed on this pod, as namespace/name."""
+    slots_free: int = 0
+    """Adapter slots still free on this pod."""
+
+
+class LoRARuntimeStatus(StatusModel):
+    """What the pool looks like now."""
+
+    ready_pods: int = 0
+    """Runtime pods whose base model is loaded and that answer."""
+    total_slots: int = 0
+    """Adapter slots over all ready pods."""
+    used_slots: int = 0
+    """Adapter slots taken by experiments."""
+    pods: list[RuntimePodStatus] = Field(default_factory=list)
+    """Every runtime pod of the pool."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready and Degraded conditions of the pool."""
+    observed_generation: int | None = None
+    """The metadata.generation this status was computed from."""
+
+
+class LoRARuntime(BaseModel):
+    """A pool of warm runtime pods, one per matching node, all holding the same base model."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    api_version: Literal["clora.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["LoRARuntime"] = RUNTIME_KIND
+    metadata: ObjectMeta
+    spec: LoRARuntimeSpec
+    status: LoRARuntimeStatus | None = None

@@ -1,0 +1,126 @@
+"""Every Prometheus metric clora exports, named and documented in one place.
+
+The runtime and the operator each build their own set on their own registry; the Grafana dashboard
+(charts/clora/dashboards/) queries exactly these names, and a test checks both directions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "clora_"
+
+# name -> help text. Counters are listed without the _total suffix prometheus-client adds.
+RUNTIME_METRICS: dict[str, str] = {
+    "clora_experiment_step": "Optimizer steps an experiment has done (labels namespace, name).",
+    "clora_experiment_reward": "Mean reward of an experiment's last step (labels namespace, name).",
+    "clora_tick_duration_seconds": "Time of one tick, by phase: sample, reward, train, sync.",
+    "clora_tokens_sampled": "Completion tokens sampled, all experiments together.",
+    "clora_tokens_trained": "Tokens that went through a training forward/backward.",
+    "clora_active_adapters": "Experiments (adapters) loaded on this runtime.",
+    "clora_free_slots": "Adapter slots still free on this runtime.",
+    "clora_checkpoint_duration_seconds": "Time to write one adapter checkpoint.",
+}
+OPERATOR_METRICS: dict[str, str] = {
+    "clora_experiments": "LoRAExperiments by phase (label phase).",
+    "clora_admission_wait_seconds": "Time from creating an experiment to its first placement on a pod.",
+    "clora_scheduling_decisions": "Scheduler decisions, by kind: place, queue, preempt.",
+    "clora_runtime_pods_ready": "Ready runtime pods per LoRARuntime (labels namespace, runtime).",
+    "clora_reconcile_errors": "Handler errors, by resource kind.",
+}
+TICK_PHASES = ("sample", "reward", "train", "sync")
+_SECONDS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class RuntimeMetrics:
+    """The runtime's metrics, on a registry of its own (one per server, so tests can run several)."""
+
+    registry: CollectorRegistry
+    experiment_step: Gauge
+    experiment_reward: Gauge
+    tick_duration: Histogram
+    tokens_sampled: Counter
+    tokens_trained: Counter
+    active_adapters: Gauge
+    free_slots: Gauge
+    checkpoint_duration: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> RuntimeMetrics:
+        r = registry or CollectorRegistry()
+        m = RUNTIME_METRICS
+        return cls(
+            registry=r,
+            experiment_step=Gauge(
+                "clora_experiment_step", m["clora_experiment_step"], ["namespace", "name"], registry=r
+            ),
+            experiment_reward=Gauge(
+                "clora_experiment_reward", m["clora_experiment_reward"], ["namespace", "name"], registry=r
+            ),
+            tick_duration=Histogram(
+                "clora_tick_duration_seconds",
+                m["clora_tick_duration_seconds"],
+                ["phase"],
+                buckets=_SECONDS,
+                registry=r,
+            ),
+            tokens_sampled=Counter("clora_tokens_sampled", m["clora_tokens_sampled"], registry=r),
+            tokens_trained=Counter("clora_tokens_trained", m["clora_tokens_trained"], registry=r),
+            active_adapters=Gauge("clora_active_adapters", m["clora_active_adapters"], registry=r),
+            free_slots=Gauge("clora_free_slots", m["clora_free_slots"], registry=r),
+            checkpoint_duration=Histogram(
+                "clora_checkpoint_duration_seconds",
+                m["clora_checkpoint_duration_seconds"],
+                buckets=_SECONDS,
+                registry=r,
+            ),
+        )
+
+    def forget_experiment(self, namespace: str, name: str) -> None:
+        """Drop an experiment's series once it leaves the runtime."""
+        for gauge in (self.experiment_step, self.experiment_reward):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
+
+
+@dataclass
+class OperatorMetrics:
+    """The operator's metrics."""
+
+    registry: CollectorRegistry
+    experiments: Gauge
+    admission_wait: Histogram
+    scheduling_decisions: Counter
+    runtime_pods_ready: Gauge
+    reconcile_errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> OperatorMetrics:
+        r = registry or CollectorRegistry()
+        m = OPERATOR_METRICS
+        return cls(
+            registry=r,
+            experiments=Gauge("clora_experiments", m["clora_experiments"], ["phase"], registry=r),
+            admission_wait=Histogram(
+                "clora_admission_wait_seconds",
+                m["clora_admission_wait_seconds"],
+                buckets=_SECONDS,
+                registry=r,
+            ),
+            scheduling_decisions=Counter(
+                "clora_scheduling_decisions", m["clora_scheduling_decisions"], ["decision"], registry=r
+            ),
+            runtime_pods_ready=Gauge(
+                "clora_runtime_pods_ready",
+                m["clora_runtime_pods_ready"],
+                ["namespace", "runtime"],
+                registry=r,
+            ),
+            reconcile_errors=Counter(
+                "clora_reconcile_errors", m["clora_reconcile_errors"], ["kind"], registry=r
+            ),
+        )
