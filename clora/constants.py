@@ -62,3 +62,13 @@ REASON_UNKNOWN_RUNTIME = "UnknownRuntime"
 REASON_RANK_TOO_HIGH = "RankAboveMaxRank"
 REASON_MISSING_DATASET = "MissingDataset"
 REASON_RUNTIME_LOST = "RuntimeLost"
+REASON_TOKEN_BUDGET_TOO_HIGH = "TokenBudgetAboveTokensPerTick"
+REASON_RUNTIME_REJECTED = "RuntimeRejected"
+REASON_DELETED = "Deleted"
+REASON_WAITING_FOR_KUEUE = "WaitingForKueue"
+
+# What the operator puts on the runtime pods and Secrets it creates (LABEL_COMPONENT / LABEL_MANAGED_BY).
+COMPONENT_RUNTIME = "runtime"
+MANAGED_BY = "clora"
+# Hash of the pod template a runtime pod was built from: a changed LoRARuntime spec replaces the pod.
+ANNOTATION_POD_TEMPLATE_HASH = f"{GROUP}/pod-template-hash"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
 from clora.constants import API_VERSION, EXPERIMENT_KIND
@@ -16,22 +16,26 @@ LossType = Literal["grpo", "dr_grpo", "dapo"]
 Phase = Literal["Pending", "Queued", "Scheduled", "Running", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
-# "all-linear" or a non-empty list of module names. Kubernetes' structural schemas cannot say
-# "string or list", so the CRD keeps the node untyped and a CEL rule checks its shape.
+TARGET_MODULES_MESSAGE = "must be 'all-linear' or a non-empty list of module names"
+
+
+def _check_target_modules(value: Any) -> Any:
+    """One clear message for every wrong shape, instead of one error per union branch."""
+    if value == "all-linear":
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, str) and m for m in value):
+        return value
+    raise ValueError(TARGET_MODULES_MESSAGE)
+
+
+# "all-linear" or a non-empty list of module names. A structural schema cannot say "string or
+# list", so the CRD leaves the node untyped. The API server refuses CEL rules on untyped nodes
+# (it has no CEL type for them), so the shape is checked by this validator, which the operator
+# and `clora validate` run, not by the API server.
 TargetModules = Annotated[
-    Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]],
-    WithJsonSchema(
-        {
-            "x-kubernetes-preserve-unknown-fields": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": "type(self) == string ? self == 'all-linear'"
-                    " : (type(self) == list && size(self) > 0)",
-                    "message": "must be 'all-linear' or a non-empty list of module names",
-                }
-            ],
-        }
-    ),
+    Literal["all-linear"] | list[str],
+    BeforeValidator(_check_target_modules),
+    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
 ]
 
 
@@ -172,7 +176,7 @@ class LoRAExperimentSpec(SpecModel):
         }
     )
 
-    runtime: str = Field(min_length=1)
+    runtime: str = Field(min_length=1, max_length=253)
     """The LoRARuntime (same namespace) whose pods train this experiment. Immutable."""
     suspend: bool = False
     """true: checkpoint, leave the runtime and free the slot; false again: resume from the checkpoint."""

@@ -1,0 +1,60 @@
+"""LoRAExperiment handlers: the index the scheduler reads, validation, deletion (the finalizer)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from clora.api import TERMINAL_PHASES
+from clora.constants import EXPERIMENT_PLURAL, GROUP, VERSION
+from clora_operator import admission, pool
+from clora_operator.config import OperatorConfig
+from clora_operator.state import ExperimentRecord, state_of
+
+RESOURCE = (GROUP, VERSION, EXPERIMENT_PLURAL)
+
+
+def experiments_by_runtime(
+    namespace: str, body: kopf.Body, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], ExperimentRecord]:
+    """Index: (namespace, runtime) -> the experiments naming that runtime."""
+    return {(namespace, str(spec.get("runtime", ""))): ExperimentRecord.from_body(body)}
+
+
+async def validate(
+    namespace: str, body: kopf.Body, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
+    """Checks the spec against its runtime; Failed with the reason, or queued. Any spec change
+    (suspend, priority, learning rate) also wakes the runtime's loop, which acts on it."""
+    if status.get("phase") in TERMINAL_PHASES:
+        return
+    state = state_of(memo)
+    record = ExperimentRecord.from_body(body)
+    runtime_name = str(spec.get("runtime", ""))
+    runtime = await state.kube.get_runtime(namespace, runtime_name) if runtime_name else None
+    configmap = None
+    ref = ((spec.get("task") or {}).get("dataset") or {}).get("configMap")
+    if ref and ref.get("name"):
+        configmap = await state.kube.get_configmap(namespace, ref["name"])
+    problem = admission.check(spec, namespace, runtime, configmap)
+    await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
+
+
+async def delete(
+    namespace: str, body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    """Checkpoint on the runtime, free the slot; never blocks deletion for longer than delete_timeout."""
+    state = state_of(memo)
+    record = ExperimentRecord.from_body(body)
+    await pool.release(state, state.pool(namespace, str(spec.get("runtime", ""))), record, logger)
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
+    kopf.index(*RESOURCE, registry=registry)(experiments_by_runtime)
+    kopf.on.create(*RESOURCE, registry=registry, id="validate")(validate)
+    kopf.on.resume(*RESOURCE, registry=registry, id="validate")(validate)
+    kopf.on.update(*RESOURCE, registry=registry, id="revalidate", field="spec")(validate)
+    # The handler itself gives up after delete_timeout; kopf's retries cover API errors only.
+    kopf.on.delete(*RESOURCE, registry=registry, id="release", retries=3, backoff=2)(delete)

@@ -1,0 +1,311 @@
+"""Pure builders of what a LoRARuntime owns: one runtime pod per matching node, and its token Secret.
+
+Why operator-managed pods and not a DaemonSet: placement needs each pod's identity, address and
+load, and a pod may only be replaced after its experiments were checkpointed and moved. A
+DaemonSet's rolling update would restart pods under running experiments on its own schedule, and
+its controller cannot be told "this pod is broken, replace it" without the operator deleting the
+pod anyway. Owning the pods directly costs a node list per pass, which the operator needs to
+report the pool anyway. Each pod is pinned to its node with node affinity on metadata.name, as
+the DaemonSet controller does, so the scheduler still checks resources and taints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clora.api import LoRARuntime
+from clora.constants import (
+    ANNOTATION_POD_TEMPLATE_HASH,
+    API_VERSION,
+    COMPONENT_RUNTIME,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_NODE,
+    LABEL_RUNTIME,
+    MANAGED_BY,
+    RUNTIME_KIND,
+    RUNTIME_PORT,
+    TOKEN_FILE_ENV,
+    TOKEN_SECRET_KEY,
+)
+
+TOKEN_MOUNT = "/var/run/secrets/clora"
+CHECKPOINT_VOLUME = "checkpoints"
+TOKEN_VOLUME = "token"
+# The model loads before /readyz answers; a startup probe gives it up to 30 minutes.
+STARTUP_PROBE_PERIOD_S = 10
+STARTUP_PROBE_FAILURES = 180
+GRACE_PERIOD_S = 120
+
+
+def _dns_label(text: str, limit: int = 63) -> str:
+    """A DNS-1123 label from `text`; long or altered names get a short hash so they stay unique."""
+    clean = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if clean == text and len(clean) <= limit:
+        return clean
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{clean[: limit - 9].rstrip('-')}-{digest}"
+
+
+def pod_name(runtime: str, node: str) -> str:
+    """The runtime pod of `runtime` on `node`: deterministic, so a restarted operator finds it again."""
+    return _dns_label(f"{runtime}-{node}")
+
+
+def secret_name(runtime: str) -> str:
+    """The Secret holding the bearer token of `runtime`'s pods."""
+    return _dns_label(f"{runtime}-token", limit=253)
+
+
+def labels_for(runtime: str) -> dict[str, str]:
+    return {
+        LABEL_RUNTIME: runtime,
+        LABEL_COMPONENT: COMPONENT_RUNTIME,
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def node_matches(node_labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    """Whether a node with these labels matches a nodeSelector (every pair present)."""
+    return all(node_labels.get(k) == v for k, v in selector.items())
+
+
+def owner_reference(runtime: LoRARuntime) -> dict[str, Any]:
+    """Makes the garbage collector delete the object with its LoRARuntime."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": RUNTIME_KIND,
+        "name": runtime.metadata.name,
+        "uid": runtime.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_token_secret(runtime: LoRARuntime, token: str) -> dict[str, Any]:
+    """The Secret with the runtime pods' bearer token (generated once by the caller)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name(runtime.metadata.name),
+            "namespace": runtime.metadata.namespace,
+            "labels": labels_for(runtime.metadata.name),
+            "ownerReferences": [owner_reference(runtime)],
+        },
+        "stringData": {TOKEN_SECRET_KEY: token},
+    }
+
+
+def runtime_args(runtime: LoRARuntime) -> list[str]:
+    """The `clora runtime` arguments for one pod of this pool."""
+    spec = runtime.spec
+    return [
+        "runtime",
+        "--model",
+        spec.base_model,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(RUNTIME_PORT),
+        "--sampler",
+        spec.sampler,
+        "--dtype",
+        spec.dtype,
+        "--max-adapters",
+        str(spec.capacity.max_adapters),
+        "--max-rank",
+        str(spec.capacity.max_rank),
+        "--tokens-per-tick",
+        str(spec.capacity.tokens_per_tick),
+        "--checkpoint-dir",
+        spec.checkpoint_volume.mount_path,
+        # Checkpoint everything on SIGTERM within the pod's grace period (below).
+        "--grace-period",
+        str(GRACE_PERIOD_S - 20),
+    ]
+
+
+def _checkpoint_volume(runtime: LoRARuntime) -> dict[str, Any]:
+    vol = runtime.spec.checkpoint_volume
+    if vol.persistent_volume_claim is not None:
+        return {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": vol.persistent_volume_claim.wire()}
+    if vol.host_path is not None:
+        return {"name": CHECKPOINT_VOLUME, "hostPath": vol.host_path.wire()}
+    return {"name": CHECKPOINT_VOLUME, "emptyDir": vol.empty_dir.wire() if vol.empty_dir else {}}
+
+
+def template_hash(runtime: LoRARuntime, image: str) -> str:
+    """Hash of everything that shapes a runtime pod: a different hash means the pod is stale."""
+    shape = {"spec": runtime.spec.wire(), "image": image}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[str, Any]:
+    """The runtime pod of `runtime` on `node`."""
+    spec = runtime.spec
+    name = runtime.metadata.name
+    probe = {"httpGet": {"path": "/readyz", "port": RUNTIME_PORT}, "periodSeconds": 5}
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": image,
+        "command": ["clora"],
+        "args": runtime_args(runtime),
+        "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
+        "env": [{"name": TOKEN_FILE_ENV, "value": f"{TOKEN_MOUNT}/{TOKEN_SECRET_KEY}"}],
+        "readinessProbe": probe,
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": RUNTIME_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": RUNTIME_PORT},
+            "periodSeconds": STARTUP_PROBE_PERIOD_S,
+            "failureThreshold": STARTUP_PROBE_FAILURES,
+        },
+        "resources": {k: v for k, v in spec.resources.wire().items() if v},
+        "volumeMounts": [
+            {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_volume.mount_path},
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True},
+        ],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, node),
+            "namespace": runtime.metadata.namespace,
+            "labels": {**labels_for(name), LABEL_NODE: _dns_label(node)},
+            "annotations": {ANNOTATION_POD_TEMPLATE_HASH: template_hash(runtime, image)},
+            "ownerReferences": [owner_reference(runtime)],
+        },
+        "spec": {
+            "restartPolicy": "Always",
+            # SIGTERM makes the runtime checkpoint every adapter before it exits.
+            "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                        ]
+                    }
+                }
+            },
+            "nodeSelector": dict(spec.node_selector),
+            "tolerations": [t.wire() for t in spec.tolerations],
+            "containers": [container],
+            "volumes": [
+                _checkpoint_volume(runtime),
+                {"name": TOKEN_VOLUME, "secret": {"secretName": secret_name(name)}},
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    """What the operator reads from a runtime pod object."""
+
+    name: str
+    namespace: str
+    runtime: str
+    node: str
+    ip: str | None
+    phase: str
+    ready: bool
+    deleting: bool
+    template_hash: str | None
+
+    @property
+    def url(self) -> str | None:
+        return f"http://{self.ip}:{RUNTIME_PORT}" if self.ip else None
+
+    @property
+    def finished(self) -> bool:
+        """The pod will not run again (evicted, or its containers exited for good)."""
+        return self.phase in ("Failed", "Succeeded")
+
+
+def pod_info(body: Mapping[str, Any]) -> PodInfo:
+    """Reads a pod object (a dict as the API returns it)."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    labels = meta.get("labels") or {}
+    return PodInfo(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        runtime=labels.get(LABEL_RUNTIME, ""),
+        node=spec.get("nodeName") or _pinned_node(spec),
+        ip=status.get("podIP") or None,
+        phase=status.get("phase") or "Pending",
+        ready=ready,
+        deleting=bool(meta.get("deletionTimestamp")),
+        template_hash=(meta.get("annotations") or {}).get(ANNOTATION_POD_TEMPLATE_HASH),
+    )
+
+
+def _pinned_node(spec: Mapping[str, Any]) -> str:
+    """The node a not-yet-bound pod is pinned to by its node affinity."""
+    affinity = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    for term in affinity.get("nodeSelectorTerms") or []:
+        for match in term.get("matchFields") or []:
+            if match.get("key") == "metadata.name" and match.get("values"):
+                return str(match["values"][0])
+    return ""
+
+
+def is_runtime_pod(labels: Mapping[str, str]) -> bool:
+    return labels.get(LABEL_COMPONENT) == COMPONENT_RUNTIME and labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+
+
+@dataclass(frozen=True, slots=True)
+class PodPlan:
+    """What to change so the pool has one current pod per matching node."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+
+def plan_pods(
+    runtime: LoRARuntime,
+    nodes: Iterable[tuple[str, Mapping[str, str]]],
+    pods: Iterable[PodInfo],
+    *,
+    image: str,
+    busy: frozenset[str] = frozenset(),
+) -> PodPlan:
+    """One pod per node matching the nodeSelector: create the missing, delete the unwanted.
+
+    Finished pods are deleted (and so replaced on the next pass). A stale pod (built from an
+    older spec) is replaced only once no experiment is on it (`busy`), so a spec change never
+    interrupts training."""
+    wanted = sorted(name for name, labels in nodes if node_matches(labels, runtime.spec.node_selector))
+    current_hash = template_hash(runtime, image)
+    plan = PodPlan()
+    have: set[str] = set()
+    for pod in sorted(pods, key=lambda p: p.name):
+        if pod.deleting:
+            have.add(pod.name)  # wait until it is gone before creating its successor
+            continue
+        expected_node = next((n for n in wanted if pod_name(runtime.metadata.name, n) == pod.name), None)
+        stale = pod.template_hash != current_hash and pod.name not in busy
+        if expected_node is None or pod.finished or stale:
+            plan.delete.append(pod.name)
+        have.add(pod.name)
+    for node in wanted:
+        if pod_name(runtime.metadata.name, node) not in have:
+            plan.create.append(build_runtime_pod(runtime, node, image=image))
+    return plan

@@ -1,0 +1,267 @@
+"""Pure status builders: what the operator knows of an experiment or a pool -> the status to write.
+
+Conditions follow Kubernetes conventions (metav1.Condition): every type is always present,
+`lastTransitionTime` changes only when a condition's status flips, and a write is skipped when
+nothing but timestamps would change (as kuberay's consistency.go does). The clock is an argument,
+so these functions are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from clora.api.runtime_api import ExperimentState
+from clora.constants import (
+    COND_ADMITTED,
+    COND_CHECKPOINTED,
+    COND_DEGRADED,
+    COND_FAILED,
+    COND_READY,
+    COND_RUNNING,
+    COND_SCHEDULED,
+    COND_SUCCEEDED,
+    REASON_ADMITTED,
+    REASON_INVALID,
+    REASON_MISSING_DATASET,
+    REASON_RANK_TOO_HIGH,
+    REASON_RUNTIME_REJECTED,
+    REASON_TOKEN_BUDGET_TOO_HIGH,
+    REASON_UNKNOWN_RUNTIME,
+    REASON_WAITING_FOR_KUEUE,
+)
+
+Status = dict[str, Any]
+
+# Reasons that mean the spec itself is wrong: the experiment was never admitted.
+INVALID_REASONS = frozenset(
+    {
+        REASON_INVALID,
+        REASON_UNKNOWN_RUNTIME,
+        REASON_RANK_TOO_HIGH,
+        REASON_MISSING_DATASET,
+        REASON_TOKEN_BUDGET_TOO_HIGH,
+        REASON_RUNTIME_REJECTED,
+    }
+)
+# The runtime's phase of an experiment -> the resource's phase, while it is on a pod.
+RUNTIME_TO_PHASE = {
+    "Pending": "Scheduled",
+    "Running": "Running",
+    "Suspended": "Suspended",
+    "Succeeded": "Succeeded",
+    "Failed": "Failed",
+}
+
+
+def timestamp(when: datetime) -> str:
+    """RFC 3339 in UTC at second precision, as the API server writes times."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the operator knows of one experiment now."""
+
+    phase: str
+    reason: str
+    message: str = ""
+    runtime_pod: str | None = None
+    node: str | None = None
+    state: ExperimentState | None = None
+    """The runtime's last answer about it, when it is on a pod."""
+    checkpoint: Mapping[str, Any] | None = None
+    """A checkpoint learned outside the runtime's answer (from a DELETE)."""
+
+
+def observe_runtime(state: ExperimentState, pod: str, node: str | None) -> Observed:
+    """The runtime's answer about an experiment on `pod` -> what the status should say."""
+    phase = RUNTIME_TO_PHASE[state.phase]
+    reason = {
+        "Scheduled": "Scheduled",
+        "Running": "Training",
+        "Suspended": "Suspended",
+        "Succeeded": "Completed",
+        "Failed": "TrainingFailed",
+    }[phase]
+    message = (
+        state.message
+        or {
+            "Scheduled": f"placed on {pod}, waiting for its first tick",
+            "Running": f"training on {pod}",
+            "Suspended": f"suspended on {pod}",
+            "Succeeded": f"trained {state.step} steps on {pod}",
+            "Failed": f"failed on {pod}",
+        }[phase]
+    )
+    return Observed(phase=phase, reason=reason, message=message, runtime_pod=pod, node=node, state=state)
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    now: datetime,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """A copy of `conditions` with one condition set; its lastTransitionTime moves only on a flip."""
+    out = [dict(c) for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or timestamp(now),
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    out.append(cond)
+    return out
+
+
+def _experiment_conditions(
+    current: list[dict[str, Any]], obs: Observed, checkpoint: Mapping[str, Any] | None, **kw: Any
+) -> list[dict[str, Any]]:
+    phase, reason, message = obs.phase, obs.reason, obs.message
+    invalid = phase == "Failed" and reason in INVALID_REASONS
+    waiting_for_kueue = phase == "Suspended" and reason == REASON_WAITING_FOR_KUEUE
+    if phase == "Pending":
+        admitted = ("Unknown", "Validating", "the operator has not checked the spec yet")
+    elif invalid or waiting_for_kueue:
+        admitted = ("False", reason, message)
+    else:
+        admitted = ("True", REASON_ADMITTED, "the spec is valid for its runtime")
+    on_pod = phase in ("Scheduled", "Running")
+    scheduled = (
+        ("True", "Scheduled", f"on runtime pod {obs.runtime_pod}") if on_pod else ("False", reason, message)
+    )
+    running = ("True", reason, message) if phase == "Running" else ("False", phase, message)
+    if checkpoint:
+        checkpointed = ("True", "Checkpointed", f"step {checkpoint.get('step')} at {checkpoint.get('path')}")
+    else:
+        checkpointed = ("False", "NoCheckpoint", "no checkpoint written yet")
+    succeeded = ("True", reason, message) if phase == "Succeeded" else ("False", phase, "")
+    failed = ("True", reason, message) if phase == "Failed" else ("False", phase, "")
+    conds = current
+    for type_, (status, why, text) in (
+        (COND_ADMITTED, admitted),
+        (COND_SCHEDULED, scheduled),
+        (COND_RUNNING, running),
+        (COND_CHECKPOINTED, checkpointed),
+        (COND_SUCCEEDED, succeeded),
+        (COND_FAILED, failed),
+    ):
+        conds = set_condition(conds, type_, status, why, text, **kw)
+    order = {t: i for i, t in enumerate((COND_ADMITTED, COND_SCHEDULED, COND_RUNNING, COND_CHECKPOINTED))}
+    return sorted(conds, key=lambda c: order.get(c["type"], len(order)))
+
+
+def experiment_status(
+    current: Mapping[str, Any] | None,
+    obs: Observed,
+    *,
+    spec: Mapping[str, Any],
+    generation: int | None,
+    now: datetime,
+) -> Status:
+    """The whole status an experiment should have, given its current one and what is observed."""
+    cur = dict(current or {})
+    state = obs.state
+    checkpoint: Mapping[str, Any] | None = cur.get("lastCheckpoint")
+    if state is not None and state.last_checkpoint is not None:
+        checkpoint = state.last_checkpoint.model_dump(mode="json", by_alias=True)
+    if obs.checkpoint:
+        checkpoint = dict(obs.checkpoint)
+    if checkpoint:
+        checkpoint = {k: v for k, v in checkpoint.items() if v is not None}
+    step = state.step if state is not None else cur.get("step", 0)
+    reward = (
+        state.reward.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if state is not None
+        else cur.get("reward", {})
+    )
+    total = (spec.get("training") or {}).get("steps")
+    start = cur.get("startTime")
+    if start is None and obs.phase == "Running":
+        start = timestamp(state.started_at) if state is not None and state.started_at else timestamp(now)
+    terminal = obs.phase in ("Succeeded", "Failed")
+    completion = (cur.get("completionTime") or timestamp(now)) if terminal else None
+    kw: dict[str, Any] = {"now": now, "generation": generation}
+    return {
+        "phase": obs.phase,
+        "runtimePod": obs.runtime_pod,
+        "node": obs.node,
+        "step": step,
+        "totalSteps": total,
+        "reward": reward,
+        "lastCheckpoint": checkpoint,
+        "startTime": start,
+        "completionTime": completion,
+        "message": obs.message,
+        "observedGeneration": generation,
+        "conditions": _experiment_conditions(list(cur.get("conditions") or []), obs, checkpoint, **kw),
+    }
+
+
+def _without_times(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_times(v) for k, v in value.items() if k != "lastTransitionTime" and v is not None}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> Status | None:
+    """The merge patch from `current` to `desired`, or None when only timestamps would change.
+
+    A None value in `desired` removes the field (JSON merge patch)."""
+    cur = dict(current or {})
+    patch = {
+        k: v
+        for k, v in desired.items()
+        if _without_times(v) != _without_times(cur.get(k)) and not (v is None and k not in cur)
+    }
+    return patch or None
+
+
+def runtime_status(
+    current: Mapping[str, Any] | None,
+    pods: list[dict[str, Any]],
+    *,
+    max_adapters: int,
+    generation: int | None,
+    now: datetime,
+) -> Status:
+    """A LoRARuntime's status from its pods, each {name, node, ready, experiments, slotsFree}."""
+    ready = [p for p in pods if p["ready"]]
+    used = sum(len(p["experiments"]) for p in ready)
+    conds = list((current or {}).get("conditions") or [])
+    kw: dict[str, Any] = {"now": now, "generation": generation}
+    if ready:
+        conds = set_condition(
+            conds, COND_READY, "True", "PodsReady", f"{len(ready)} of {len(pods)} ready", **kw
+        )
+    elif pods:
+        conds = set_condition(conds, COND_READY, "False", "NoReadyPods", "no runtime pod is ready", **kw)
+    else:
+        conds = set_condition(conds, COND_READY, "False", "NoMatchingNodes", "no node matches", **kw)
+    if len(ready) < len(pods):
+        down = sorted(p["name"] for p in pods if not p["ready"])
+        conds = set_condition(conds, COND_DEGRADED, "True", "PodsNotReady", ", ".join(down), **kw)
+    else:
+        conds = set_condition(conds, COND_DEGRADED, "False", "AllPodsReady", "", **kw)
+    return {
+        "readyPods": len(ready),
+        "totalSlots": len(ready) * max_adapters,
+        "usedSlots": used,
+        "pods": sorted(pods, key=lambda p: p["name"]),
+        "conditions": conds,
+        "observedGeneration": generation,
+    }

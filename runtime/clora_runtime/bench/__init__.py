@@ -1,0 +1,1 @@
+"""`clora bench`: experiment throughput of one warm runtime against one-at-a-time jobs, side by side."""

@@ -1,0 +1,143 @@
+"""One benchmark process: load the base model, train the given experiments together, report timings.
+
+Run as `python -m clora_runtime.bench.worker REQUEST.json RESULT.json`. The concurrent arm is one such
+process with N experiments; the serial arm is N of them with one experiment each, so both arms pay
+their cold starts (interpreter, imports, model load) exactly as a job would. The engine is the very one
+`clora runtime` serves.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from clora.api import LoRAExperimentSpec
+
+
+class WorkerExperiment(BaseModel):
+    namespace: str
+    name: str
+    spec: LoRAExperimentSpec
+
+
+class WorkerRequest(BaseModel):
+    model: str = "smollm2"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    spawned_at: float = Field(description="time.time() when the parent started this process")
+    experiments: list[WorkerExperiment]
+
+
+class ExperimentResult(BaseModel):
+    key: str
+    rewards: list[float]
+    step_seconds: list[float]
+    completed_at: float  # time.time()
+    phase: str
+    message: str = ""
+
+
+class WorkerResult(BaseModel):
+    spawned_at: float
+    loaded_at: float  # base model loaded, engine ready
+    finished_at: float
+    experiments: list[ExperimentResult]
+    ticks: list[dict[str, Any]]  # per tick: seconds per phase, active adapters, tokens
+    peak_rss_mb: float
+    peak_device_mb: float | None = None
+    device: str = ""
+
+
+def _peak_device_mb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def run(request: WorkerRequest) -> WorkerResult:
+    from clora_runtime.config import EngineConfig
+    from clora_runtime.engine import Engine
+
+    max_rank = max(e.spec.lora.rank for e in request.experiments)
+    with tempfile.TemporaryDirectory(prefix="clora-bench-") as tmp:
+        engine = Engine(
+            EngineConfig(
+                model=request.model,
+                device=request.device,
+                dtype=request.dtype,
+                max_adapters=len(request.experiments),
+                max_rank=max_rank,
+                checkpoint_dir=Path(tmp),
+                threads=request.threads,
+            )
+        )
+        engine.load()
+        loaded_at = time.time()
+        for e in request.experiments:
+            engine.upsert(e.namespace, e.name, e.spec)
+        keys = [f"{e.namespace}/{e.name}" for e in request.experiments]
+        completed: dict[str, float] = {}
+        ticks: list[dict[str, Any]] = []
+        while len(completed) < len(keys):
+            report = engine.tick()
+            if report is None:
+                break
+            ticks.append(
+                {
+                    "active": len(report.stepped),
+                    "seconds": report.seconds,
+                    "tokensSampled": report.tokens_sampled,
+                    "tokensTrained": report.tokens_trained,
+                }
+            )
+            now = time.time()
+            for state in engine.states():
+                key = f"{state.namespace}/{state.name}"
+                if state.phase in ("Succeeded", "Failed") and key not in completed:
+                    completed[key] = now
+        results = []
+        for e in request.experiments:
+            state = engine.state(e.namespace, e.name)
+            rewards, step_seconds = engine.experiment_history(e.namespace, e.name)
+            key = f"{e.namespace}/{e.name}"
+            results.append(
+                ExperimentResult(
+                    key=key,
+                    rewards=rewards,
+                    step_seconds=step_seconds,
+                    completed_at=completed.get(key, time.time()),
+                    phase=state.phase,
+                    message=state.message,
+                )
+            )
+        device = str(engine.base.device) if engine.base is not None else ""
+    return WorkerResult(
+        spawned_at=request.spawned_at,
+        loaded_at=loaded_at,
+        finished_at=time.time(),
+        experiments=results,
+        ticks=ticks,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device_mb=_peak_device_mb(),
+        device=device,
+    )
+
+
+def main(argv: list[str]) -> int:
+    request = WorkerRequest.model_validate_json(Path(argv[0]).read_text())
+    result = run(request)
+    Path(argv[1]).write_text(result.model_dump_json(indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

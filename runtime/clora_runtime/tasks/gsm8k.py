@@ -1,0 +1,64 @@
+"""GSM8K-style JSONL: records with `question` and `answer`, the reference answer after `####`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from clora_runtime.tasks.base import Problem, Task
+
+
+def reference_answer(answer: str) -> str:
+    """'... so 18 eggs.\\n#### 1,800' -> '1800'."""
+    if "####" not in answer:
+        return answer.strip().replace(",", "")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def parse_records(text: str, origin: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problems.append(
+                Problem(prompt=str(record["question"]), answer=reference_answer(str(record["answer"])))
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{origin}:{number}: not a record with question and answer ({err})") from err
+    if not problems:
+        raise ValueError(f"{origin}: no records")
+    return problems
+
+
+class Gsm8kTask(Task):
+    """Walks the records in a seeded order, reshuffled every epoch."""
+
+    def __init__(self, records: list[Problem], seed: int, instruction: str = "") -> None:
+        self.records = records
+        self.seed = seed
+        self.instruction = instruction
+
+    @classmethod
+    def from_file(cls, path: str | Path, seed: int, instruction: str = "") -> Gsm8kTask:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"spec.task.dataset.path: {path} is not a file in this runtime")
+        return cls(parse_records(path.read_text(), str(path)), seed, instruction)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.records)))
+        random.Random(f"gsm8k/{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def problems(self, step: int, count: int) -> list[Problem]:
+        out: list[Problem] = []
+        n = len(self.records)
+        for i in range(step * count, step * count + count):
+            record = self.records[self._order(i // n)[i % n]]
+            if self.instruction:
+                record = Problem(prompt=f"{record.prompt} {self.instruction}", answer=record.answer)
+            out.append(record)
+        return out

@@ -1,0 +1,298 @@
+"""Unit tests of the operator's pure parts: status building, pod builders, admission checks,
+configuration, and the permissions declared for the chart."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from clora_operator import admission, config, k8s, pods, status
+from clora_operator.scheduler import Policy
+
+from clora.api import LoRARuntime
+from clora.api.runtime_api import ExperimentState
+from clora.constants import (
+    ANNOTATION_POD_TEMPLATE_HASH,
+    FINALIZER,
+    REASON_MISSING_DATASET,
+    REASON_RANK_TOO_HIGH,
+    REASON_TOKEN_BUDGET_TOO_HIGH,
+    REASON_UNKNOWN_RUNTIME,
+    TOKEN_FILE_ENV,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SPEC: dict[str, Any] = {"runtime": "pool", "task": {"name": "arithmetic"}, "training": {"steps": 10}}
+
+
+def runtime(**spec: Any) -> LoRARuntime:
+    return LoRARuntime.model_validate(
+        {
+            "metadata": {"name": "pool", "namespace": "ns", "uid": "u-1"},
+            "spec": {"baseModel": "tiny", **spec},
+        }
+    )
+
+
+# status.py
+
+
+def running(step: int, **kw: Any) -> ExperimentState:
+    return ExperimentState.model_validate(
+        {
+            "namespace": "ns",
+            "name": "e",
+            "phase": "Running",
+            "step": step,
+            "totalSteps": 10,
+            "reward": {"mean": 0.5, "best": 0.7, "window": 0.4},
+            **kw,
+        }
+    )
+
+
+def test_running_status_from_the_runtime() -> None:
+    obs = status.observe_runtime(running(3), "pool-a", "node-a")
+    st = status.experiment_status({}, obs, spec=SPEC, generation=2, now=T0)
+    assert st["phase"] == "Running"
+    assert (st["runtimePod"], st["node"], st["step"], st["totalSteps"]) == ("pool-a", "node-a", 3, 10)
+    assert st["reward"] == {"mean": 0.5, "best": 0.7, "window": 0.4}
+    assert st["startTime"] == "2026-01-01T00:00:00Z"
+    assert st["observedGeneration"] == 2
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert set(conds) == {"Admitted", "Scheduled", "Running", "Checkpointed", "Succeeded", "Failed"}
+    assert conds["Running"]["status"] == "True"
+    assert conds["Scheduled"]["status"] == "True"
+    assert conds["Succeeded"]["status"] == "False"
+    assert all(c["observedGeneration"] == 2 for c in conds.values())
+
+
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    first = status.experiment_status(
+        {}, status.observe_runtime(running(1), "p", "n"), spec=SPEC, generation=1, now=T0
+    )
+    later = T0 + timedelta(minutes=5)
+    second = status.experiment_status(
+        first, status.observe_runtime(running(2), "p", "n"), spec=SPEC, generation=1, now=later
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
+    assert times["Running"] == "2026-01-01T00:00:00Z"  # still True: kept
+    done = ExperimentState.model_validate(
+        {"namespace": "ns", "name": "e", "phase": "Succeeded", "step": 10, "totalSteps": 10}
+    )
+    third = status.experiment_status(
+        second, status.observe_runtime(done, "p", "n"), spec=SPEC, generation=1, now=later
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in third["conditions"]}
+    assert times["Running"] == "2026-01-01T00:05:00Z"  # flipped to False
+    assert times["Succeeded"] == "2026-01-01T00:05:00Z"
+    assert third["completionTime"] == "2026-01-01T00:05:00Z"
+    assert third["startTime"] == first["startTime"]
+
+
+def test_no_write_when_only_timestamps_change() -> None:
+    obs = status.observe_runtime(running(4), "p", "n")
+    first = status.experiment_status({}, obs, spec=SPEC, generation=1, now=T0)
+    again = status.experiment_status(first, obs, spec=SPEC, generation=1, now=T0 + timedelta(hours=1))
+    assert status.status_patch(first, again) is None
+    moved = status.experiment_status(
+        first, status.observe_runtime(running(5), "p", "n"), spec=SPEC, generation=1, now=T0
+    )
+    assert status.status_patch(first, moved) == {"step": 5}
+
+
+def test_leaving_a_pod_removes_the_pod_fields_and_keeps_the_checkpoint() -> None:
+    cp = {"step": 4, "path": "/ck/ns/e/step-4", "time": "2026-01-01T00:00:00Z"}
+    on_pod = status.experiment_status(
+        {}, status.observe_runtime(running(5, lastCheckpoint=cp), "p", "n"), spec=SPEC, generation=1, now=T0
+    )
+    lost = status.Observed(phase="Queued", reason="RuntimeLost", message="gone")
+    queued = status.experiment_status(on_pod, lost, spec=SPEC, generation=1, now=T0)
+    patch = status.status_patch(on_pod, queued)
+    assert patch is not None
+    assert patch["runtimePod"] is None and patch["node"] is None  # merge patch: removed
+    assert "lastCheckpoint" not in patch  # unchanged: still there for the resume
+    assert queued["step"] == 5
+    conds = {c["type"]: c for c in queued["conditions"]}
+    assert conds["Scheduled"]["status"] == "False" and conds["Scheduled"]["reason"] == "RuntimeLost"
+    assert conds["Checkpointed"]["status"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("reason", "admitted"),
+    [(REASON_RANK_TOO_HIGH, "False"), ("TrainingFailed", "True")],
+)
+def test_failed_for_a_bad_spec_is_not_admitted(reason: str, admitted: str) -> None:
+    st = status.experiment_status(
+        {}, status.Observed(phase="Failed", reason=reason, message="m"), spec=SPEC, generation=1, now=T0
+    )
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Admitted"]["status"] == admitted
+    assert conds["Failed"] == {**conds["Failed"], "status": "True", "reason": reason}
+
+
+def test_runtime_status_counts_ready_pods_and_slots() -> None:
+    pod_list = [
+        {"name": "b", "node": "n2", "ready": False, "experiments": [], "slotsFree": 2},
+        {"name": "a", "node": "n1", "ready": True, "experiments": ["ns/x"], "slotsFree": 1},
+    ]
+    st = status.runtime_status({}, pod_list, max_adapters=2, generation=3, now=T0)
+    assert (st["readyPods"], st["totalSlots"], st["usedSlots"]) == (1, 2, 1)
+    assert [p["name"] for p in st["pods"]] == ["a", "b"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "True"
+    assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["message"] == "b"
+
+
+# pods.py
+
+
+def test_runtime_pod_is_pinned_owned_and_configured() -> None:
+    rt = runtime(
+        capacity={"maxAdapters": 4, "maxRank": 32, "tokensPerTick": 1000},
+        resources={"limits": {"nvidia.com/gpu": 1}},
+        tolerations=[{"key": "gpu", "operator": "Exists"}],
+        checkpointVolume={"persistentVolumeClaim": {"claimName": "ck"}, "mountPath": "/ck"},
+    )
+    pod = pods.build_runtime_pod(rt, "node-1", image="img:1")
+    assert pod["metadata"]["name"] == "pool-node-1"
+    assert pod["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "clora.dev/v1alpha1",
+        "kind": "LoRARuntime",
+        "name": "pool",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    spec = pod["spec"]
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["node-1"]
+    c = spec["containers"][0]
+    assert c["image"] == "img:1"
+    args = c["args"]
+    assert args[0] == "runtime"
+    for flag, value in [("--max-adapters", "4"), ("--max-rank", "32"), ("--tokens-per-tick", "1000")]:
+        assert args[args.index(flag) + 1] == value
+    assert args[args.index("--checkpoint-dir") + 1] == "/ck"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"name": TOKEN_FILE_ENV, "value": "/var/run/secrets/clora/token"} in c["env"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ck", "readOnly": False}} in spec[
+        "volumes"
+    ]
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    info = pods.pod_info(pod)
+    assert (info.node, info.runtime, info.ready, info.ip) == ("node-1", "pool", False, None)
+
+
+def test_pod_names_are_valid_and_stable() -> None:
+    long = pods.pod_name("a" * 40, "Node_With.Odd-CHARS-" + "x" * 40)
+    assert len(long) <= 63 and long == pods.pod_name("a" * 40, "Node_With.Odd-CHARS-" + "x" * 40)
+    assert long.replace("-", "").isalnum() and long.islower()
+
+
+def test_token_secret_is_owned_by_the_runtime() -> None:
+    secret = pods.build_token_secret(runtime(), "t0k")
+    assert secret["metadata"]["name"] == "pool-token"
+    assert secret["stringData"] == {"token": "t0k"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def _pod(rt: LoRARuntime, node: str, *, phase: str = "Running", stale: bool = False) -> pods.PodInfo:
+    body = pods.build_runtime_pod(rt, node, image="img")
+    if stale:
+        body["metadata"]["annotations"][ANNOTATION_POD_TEMPLATE_HASH] = "old"
+    body["status"] = {"phase": phase}
+    return pods.pod_info(body)
+
+
+def test_plan_one_pod_per_matching_node() -> None:
+    rt = runtime(nodeSelector={"gpu": "yes"})
+    nodes = [("n1", {"gpu": "yes"}), ("n2", {"gpu": "yes"}), ("n3", {})]
+    plan = pods.plan_pods(rt, nodes, [_pod(rt, "n1"), _pod(rt, "n3")], image="img")
+    assert [p["metadata"]["name"] for p in plan.create] == ["pool-n2"]
+    assert plan.delete == ["pool-n3"]
+
+
+def test_plan_replaces_finished_pods_and_stale_idle_ones_only() -> None:
+    rt = runtime()
+    nodes = [("n1", {}), ("n2", {}), ("n3", {})]
+    current = [_pod(rt, "n1", phase="Failed"), _pod(rt, "n2", stale=True), _pod(rt, "n3", stale=True)]
+    plan = pods.plan_pods(rt, nodes, current, image="img", busy=frozenset({"pool-n3"}))
+    assert plan.delete == ["pool-n1", "pool-n2"]
+    assert plan.create == []  # successors come once the old pods are gone
+
+
+# admission.py
+
+RT_BODY = {"metadata": {"name": "pool", "namespace": "ns"}, "spec": {"baseModel": "tiny"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "runtime_body", "configmap", "reason", "field"),
+    [
+        (SPEC, None, None, REASON_UNKNOWN_RUNTIME, "spec.runtime"),
+        ({**SPEC, "lora": {"rank": 128}}, RT_BODY, None, REASON_RANK_TOO_HIGH, "spec.lora.rank"),
+        (
+            {**SPEC, "training": {"promptsPerStep": 64, "groupSize": 16, "maxNewTokens": 1024}},
+            RT_BODY,
+            None,
+            REASON_TOKEN_BUDGET_TOO_HIGH,
+            "spec.training",
+        ),
+        (
+            {**SPEC, "task": {"name": "gsm8k", "dataset": {"configMap": {"name": "d", "key": "k"}}}},
+            RT_BODY,
+            None,
+            REASON_MISSING_DATASET,
+            "spec.task.dataset.configMap",
+        ),
+        (
+            {**SPEC, "task": {"name": "gsm8k", "dataset": {"configMap": {"name": "d", "key": "k"}}}},
+            RT_BODY,
+            {"data": {"other": ""}},
+            REASON_MISSING_DATASET,
+            "has no key k",
+        ),
+    ],
+)
+def test_admission_refusals_name_the_field(
+    spec: dict[str, Any], runtime_body: Any, configmap: Any, reason: str, field: str
+) -> None:
+    problem = admission.check(spec, "ns", runtime_body, configmap)
+    assert problem is not None
+    assert problem[0] == reason
+    assert field in problem[1]
+
+
+def test_admission_accepts_a_good_spec() -> None:
+    spec = {**SPEC, "task": {"name": "gsm8k", "dataset": {"configMap": {"name": "d", "key": "k"}}}}
+    assert admission.check(spec, "ns", RT_BODY, {"data": {"k": "{}"}}) is None
+
+
+# config.py and k8s.py
+
+
+def test_config_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLORA_POLL_INTERVAL", "3.5")
+    monkeypatch.setenv("CLORA_STANDALONE", "true")
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    cfg = config.from_args(parser.parse_args(["--namespace", "a", "--namespace", "b", "--policy", "pack"]))
+    assert cfg.poll_interval == 3.5 and cfg.standalone is True
+    assert cfg.namespaces == ["a", "b"] and cfg.policy is Policy.PACK
+    with pytest.raises(ValueError, match="poll_interval"):
+        config.from_args(parser.parse_args(["--poll-interval", "-1"]))
+
+
+def test_required_permissions_cover_what_the_operator_touches() -> None:
+    perms = {(p.api_group, p.resource): set(p.verbs) for p in k8s.REQUIRED_PERMISSIONS}
+    assert {"create", "delete", "watch", "patch"} <= perms[("", "pods")]
+    assert perms[("", "secrets")] == {"get", "create"}
+    assert perms[("", "events")] == {"create"}
+    assert "patch" in perms[("clora.dev", "loraexperiments/status")]
+    assert "patch" in perms[("clora.dev", "loraruntimes/status")]
+    assert len(perms) == len(k8s.REQUIRED_PERMISSIONS)  # one rule per resource
+    assert FINALIZER == "clora.dev/cleanup"

@@ -1,0 +1,422 @@
+"""The runtime server as the operator drives it: a real `clora runtime` process on the tiny model.
+
+One server serves the module (lifecycle, error answers, metrics, failure isolation); each test uses
+its own namespace so what one leaves behind cannot satisfy another's assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from runtime_server import RuntimeServer, running_runtime_server, start_runtime_server, wait_for
+from safetensors.torch import load_file, save_file
+
+from clora.constants import TOKEN_ENV, TOKEN_FILE_ENV
+from clora.metrics import RUNTIME_METRICS
+
+MAX_ADAPTERS = 6
+MAX_RANK = 8
+TOKENS_PER_TICK = 512
+
+
+def spec(**training: Any) -> dict[str, Any]:
+    """A small wire-format spec that steps fast on the tiny model; training fields override."""
+    base = {"steps": 1000, "learningRate": 1e-3, "promptsPerStep": 2, "groupSize": 2, "maxNewTokens": 4}
+    return {
+        "runtime": "local",
+        "task": {"name": "arithmetic", "difficulty": 1},
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {**base, **training},
+        "checkpoint": {"everySteps": 1000, "keep": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeServer]:
+    args = ["--max-adapters", str(MAX_ADAPTERS), "--max-rank", str(MAX_RANK)]
+    args += ["--tokens-per-tick", str(TOKENS_PER_TICK)]
+    with running_runtime_server(tmp_path_factory.mktemp("runtime"), extra_args=args) as s:
+        yield s
+
+
+@pytest.fixture
+def api(server: RuntimeServer) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+def state(api: httpx.Client, ns: str, name: str) -> dict[str, Any]:
+    r = api.get(f"/v1/experiments/{ns}/{name}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def listed(api: httpx.Client, ns: str) -> dict[str, dict[str, Any]]:
+    r = api.get("/v1/experiments")
+    assert r.status_code == 200, r.text
+    return {e["name"]: e for e in r.json()["experiments"] if e["namespace"] == ns}
+
+
+def step_of(api: httpx.Client, ns: str, name: str) -> int:
+    return int(state(api, ns, name)["step"])
+
+
+def wait_steps(api: httpx.Client, ns: str, name: str, at_least: int) -> dict[str, Any]:
+    return wait_for(
+        lambda: (s := state(api, ns, name))["step"] >= at_least and s, what=f"{ns}/{name} step >= {at_least}"
+    )
+
+
+def put(api: httpx.Client, ns: str, name: str, body_spec: dict[str, Any], **extra: Any) -> httpx.Response:
+    return api.put(f"/v1/experiments/{ns}/{name}", json={"spec": body_spec, **extra})
+
+
+def metrics(api: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from the server's /metrics."""
+    r = api.get("/metrics")
+    assert r.status_code == 200, r.text
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_lifecycle(api: httpx.Client) -> None:
+    ns = "life"
+    for name in ("a", "b", "c"):
+        r = put(api, ns, name, spec())
+        assert r.status_code == 200, r.text
+        assert r.json()["totalSteps"] == 1000
+    for name in ("a", "b", "c"):
+        s = wait_steps(api, ns, name, 2)
+        assert s["phase"] == "Running"
+        assert s["reward"]["mean"] is not None and s["reward"]["window"] is not None
+        assert s["startedAt"] is not None
+
+    # Idempotent: the same spec again changes nothing (no restart, no reset).
+    before = state(api, ns, "a")
+    r = put(api, ns, "a", spec())
+    assert r.status_code == 200
+    assert r.json()["startedAt"] == before["startedAt"] and r.json()["step"] >= before["step"]
+
+    # A mutable change applies at the next tick: b keeps stepping with the new learning rate.
+    r = put(api, ns, "b", spec(learningRate=2.5e-4))
+    assert r.status_code == 200, r.text
+    changed_at = step_of(api, ns, "b")
+    wait_steps(api, ns, "b", changed_at + 2)
+
+    # DELETE answers the checkpoint it wrote; the experiment is gone.
+    r = api.delete(f"/v1/experiments/{ns}/a")
+    assert r.status_code == 200, r.text
+    checkpoint = r.json()["checkpoint"]
+    assert checkpoint["step"] >= 2
+    assert (Path(checkpoint["path"]) / "adapter_model.safetensors").is_file()
+    assert api.get(f"/v1/experiments/{ns}/a").status_code == 404
+    assert "a" not in listed(api, ns)
+
+    # The learning-rate change reached the optimizer: b's checkpoint has the new lr.
+    r = api.delete(f"/v1/experiments/{ns}/b")
+    assert r.status_code == 200, r.text
+    optimizer = torch.load(Path(r.json()["checkpoint"]["path"]) / "optimizer.pt", weights_only=True)
+    assert {g["lr"] for g in optimizer["param_groups"]} == {2.5e-4}
+
+    # Re-added with that checkpoint, a resumes at the step it left.
+    r = put(api, ns, "a", spec(), resumeFrom=checkpoint["path"])
+    assert r.status_code == 200, r.text
+    resumed = wait_for(lambda: (s := state(api, ns, "a"))["phase"] != "Pending" and s, what="a admitted")
+    assert resumed["step"] >= checkpoint["step"]
+    assert resumed["reward"]["mean"] is not None  # its reward history came back too
+    wait_steps(api, ns, "a", checkpoint["step"] + 1)
+    for name in ("a", "c"):
+        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+
+
+def test_auth(server: RuntimeServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        for path in ("/healthz", "/readyz"):
+            assert anonymous.get(path).status_code == 200
+        for method, path in [
+            ("GET", "/v1/experiments"),
+            ("GET", "/v1/experiments/ns/x"),
+            ("PUT", "/v1/experiments/ns/x"),
+            ("DELETE", "/v1/experiments/ns/x"),
+            ("POST", "/v1/experiments/ns/x/samples"),
+            ("GET", "/metrics"),
+            ("GET", "/openapi.json"),
+        ]:
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Basic {server.token}"},
+            ):
+                r = anonymous.request(method, path, headers=headers, json={"spec": spec()})
+                assert r.status_code == 401, (method, path, headers, r.text)
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert r.json()["detail"]
+        # The token's scheme is case-insensitive (RFC 6750).
+        assert anonymous.get(
+            "/v1/experiments", headers={"Authorization": f"bearer {server.token}"}
+        ).is_success
+
+
+def test_not_found(api: httpx.Client) -> None:
+    for method, path in [
+        ("GET", "/v1/experiments/nf/missing"),
+        ("DELETE", "/v1/experiments/nf/missing"),
+    ]:
+        r = api.request(method, path)
+        assert r.status_code == 404 and "nf/missing" in r.json()["detail"]
+    r = api.post("/v1/experiments/nf/missing/samples", json={"samples": [{"prompt": "1+1?", "answer": "2"}]})
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"spec": spec(groupSize=1)}, "spec.training.groupSize: must be >= 2"),
+        ({"spec": spec(learningRate=0)}, "spec.training.learningRate: must be > 0"),
+        ({"spec": {**spec(), "colour": "red"}}, "spec.colour: unknown field"),
+        ({"spec": {**spec(), "task": {"name": "chess"}}}, "spec.task.name: must be one of"),
+        ({"spec": {**spec(), "task": {"name": "gsm8k"}}}, "dataset is required for task gsm8k"),
+        (
+            {"spec": {**spec(), "task": {"name": "gsm8k", "dataset": {"path": "/no/such/file.jsonl"}}}},
+            "spec.task.dataset.path",
+        ),
+        (
+            {"spec": {**spec(), "lora": {"rank": 4, "targetModules": ["nope_proj"]}}},
+            "spec.lora.targetModules",
+        ),
+        ({}, "spec: required"),
+        ({"spec": spec(), "resumeFrom": 3}, "resumeFrom"),
+    ],
+)
+def test_put_422_names_the_field(api: httpx.Client, body: dict[str, Any], detail: str) -> None:
+    r = api.put("/v1/experiments/bad/x", json=body)
+    assert r.status_code == 422, r.text
+    assert detail in r.json()["detail"]
+    assert api.get("/v1/experiments/bad/x").status_code == 404  # nothing was added
+
+
+def test_other_422(api: httpx.Client) -> None:
+    r = api.put("/v1/experiments/bad/x", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "invalid JSON" in r.json()["detail"]
+    r = api.put("/v1/experiments/bad/Upper_Case", json={"spec": spec()})
+    assert r.status_code == 422 and r.json()["detail"].startswith("name: must match")
+    assert put(api, "bad", "s", spec()).status_code == 200
+    r = api.post("/v1/experiments/bad/s/samples", json={"samples": []})
+    assert r.status_code == 422 and r.json()["detail"] == "samples: must have at least 1 items"
+    r = api.post("/v1/experiments/bad/s/samples", json={"samples": [{"prompt": ""}]})
+    assert r.status_code == 422 and r.json()["detail"].startswith("samples[0].prompt:")
+    assert api.delete("/v1/experiments/bad/s").status_code == 200
+
+
+def test_conflicts(api: httpx.Client) -> None:
+    ns = "conflict"
+    r = put(api, ns, "big", {**spec(), "lora": {"rank": MAX_RANK * 2, "alpha": 8}})
+    assert r.status_code == 409 and "maxRank" in r.json()["detail"]
+    r = put(api, ns, "hungry", spec(promptsPerStep=64, groupSize=8, maxNewTokens=64))
+    assert r.status_code == 409 and "tokensPerTick" in r.json()["detail"]
+
+    assert put(api, ns, "x", spec()).status_code == 200
+    r = put(api, ns, "x", {**spec(), "lora": {"rank": 8, "alpha": 8}})
+    assert r.status_code == 409 and "lora is immutable" in r.json()["detail"]
+    r = put(api, ns, "x", {**spec(), "runtime": "other"})
+    assert r.status_code == 409 and "runtime is immutable" in r.json()["detail"]
+
+    fillers = []
+    free = int(metrics(api)[("clora_free_slots", ())])
+    for i in range(free):
+        fillers.append(f"fill-{i}")
+        assert put(api, ns, fillers[-1], spec()).status_code == 200
+    r = put(api, ns, "one-too-many", spec())
+    assert r.status_code == 409 and "slots" in r.json()["detail"]
+    for name in ["x", *fillers]:
+        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+    assert put(api, ns, "one-too-many", spec()).status_code == 200  # room again
+    assert api.delete(f"/v1/experiments/{ns}/one-too-many").status_code == 200
+
+
+def test_metrics(api: httpx.Client) -> None:
+    ns = "metrics"
+    assert put(api, ns, "m1", spec()).status_code == 200
+    assert put(api, ns, "m2", spec()).status_code == 200
+    wait_steps(api, ns, "m1", 2)
+    wait_steps(api, ns, "m2", 2)
+    m = metrics(api)
+    names = {name for name, _labels in m}
+    for metric in RUNTIME_METRICS:
+        assert any(n == metric or n.startswith(metric + "_") for n in names), metric
+
+    labels = lambda name: (("name", name), ("namespace", ns))  # noqa: E731
+    for name in ("m1", "m2"):
+        assert 2 <= m[("clora_experiment_step", labels(name))] <= step_of(api, ns, name)
+        assert 0.0 <= m[("clora_experiment_reward", labels(name))] <= 1.0
+    held = len(listed(api, ns)) + sum(
+        1 for e in api.get("/v1/experiments").json()["experiments"] if e["namespace"] != ns
+    )
+    assert m[("clora_free_slots", ())] == MAX_ADAPTERS - held
+    assert m[("clora_active_adapters", ())] == held
+    assert m[("clora_tokens_sampled_total", ())] > 0
+    assert m[("clora_tokens_trained_total", ())] > 0
+    for phase in ("sample", "reward", "train", "sync"):
+        assert m[("clora_tick_duration_seconds_count", (("phase", phase),))] >= 2
+        assert m[("clora_tick_duration_seconds_sum", (("phase", phase),))] >= 0
+
+    r = api.delete(f"/v1/experiments/{ns}/m1")
+    assert r.status_code == 200
+    m = metrics(api)
+    assert ("clora_experiment_step", labels("m1")) not in m
+    assert ("clora_experiment_reward", labels("m1")) not in m
+    assert ("clora_experiment_step", labels("m2")) in m
+    assert m[("clora_checkpoint_duration_seconds_count", ())] >= 1
+    assert m[("clora_free_slots", ())] == MAX_ADAPTERS - held + 1
+    assert api.delete(f"/v1/experiments/{ns}/m2").status_code == 200
+
+
+def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
+    ns = "fail"
+    assert put(api, ns, "neighbour", spec()).status_code == 200
+    wait_steps(api, ns, "neighbour", 1)
+
+    # A task that raises: its dataset is fine when the experiment is added (suspended), broken by
+    # the time it starts.
+    dataset = tmp_path / "gsm8k.jsonl"
+    dataset.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    gsm8k = {**spec(), "task": {"name": "gsm8k", "dataset": {"path": str(dataset)}}}
+    assert put(api, ns, "bad-task", {**gsm8k, "suspend": True}).status_code == 200
+    dataset.write_text('{"question": "What is 2 + 3?"}\n')  # no answer
+    assert put(api, ns, "bad-task", {**gsm8k, "suspend": False}).status_code == 200
+
+    # A non-finite loss: resumed from a checkpoint whose adapter weights are NaN.
+    assert put(api, ns, "donor", spec()).status_code == 200
+    wait_steps(api, ns, "donor", 1)
+    donor = Path(api.delete(f"/v1/experiments/{ns}/donor").json()["checkpoint"]["path"])
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(donor, poisoned)
+    weights = load_file(poisoned / "adapter_model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+        poisoned / "adapter_model.safetensors",
+    )
+    assert put(api, ns, "nan-loss", spec(), resumeFrom=str(poisoned)).status_code == 200
+
+    bad_task = wait_for(
+        lambda: (s := state(api, ns, "bad-task"))["phase"] == "Failed" and s, what="task failure"
+    )
+    assert "answer" in bad_task["message"] or str(dataset) in bad_task["message"]
+    nan_loss = wait_for(
+        lambda: (s := state(api, ns, "nan-loss"))["phase"] == "Failed" and s, what="loss failure"
+    )
+    assert "non-finite" in nan_loss["message"]
+
+    # The neighbour was not disturbed: it keeps stepping after both failures.
+    after = step_of(api, ns, "neighbour")
+    wait_steps(api, ns, "neighbour", after + 2)
+    assert state(api, ns, "neighbour")["phase"] == "Running"
+    assert httpx.get(f"{api.base_url}/readyz").status_code == 200
+    for name in ("neighbour", "bad-task", "nan-loss"):
+        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+
+
+def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, TOKEN_FILE_ENV)}
+    cmd = [sys.executable, "-m", "clora.cli", "runtime", "--model", "tiny", "--checkpoint-dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert TOKEN_ENV in done.stderr and "--insecure-no-auth" in done.stderr
+
+
+def test_a_dead_engine_is_neither_ready_nor_healthy(tmp_path: Path) -> None:
+    # The token comes from a file here (a mounted Secret); the base model cannot be loaded.
+    server = start_runtime_server(
+        tmp_path / "runs",
+        model=str(tmp_path / "no-such-model"),
+        token_file=tmp_path / "token",
+        wait_ready=False,
+    )
+    try:
+
+        def dead() -> httpx.Response | None:
+            try:
+                r = httpx.get(f"{server.url}/healthz")
+            except httpx.ConnectError:  # not listening yet
+                return None
+            return r if r.status_code == 503 else None
+
+        health = wait_for(dead, what="/healthz to answer 503")
+        assert health.json()["status"] == "dead"
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and "loading the base model failed" in ready.json()["detail"]
+        with server.client() as api:
+            assert api.get("/v1/experiments").status_code == 503
+            assert api.put("/v1/experiments/ns/x", json={"spec": spec()}).status_code == 503
+        assert httpx.get(f"{server.url}/v1/experiments").status_code == 401
+        assert server.terminate(timeout=60) == 0
+    finally:
+        server.kill()
+
+
+def test_sigterm_checkpoints_and_exits_0(tmp_path: Path) -> None:
+    with running_runtime_server(tmp_path / "runs", extra_args=["--grace-period", "60"]) as server:
+        with server.client() as api:
+            assert put(api, "term", "t", spec()).status_code == 200
+            stepped = wait_steps(api, "term", "t", 2)["step"]
+            assert state(api, "term", "t")["lastCheckpoint"] is None  # everySteps is 1000
+        assert server.terminate(timeout=90) == 0
+    written = sorted((tmp_path / "runs" / "term" / "t").glob("step-*"))
+    assert written, "SIGTERM wrote no checkpoint"
+    meta = json.loads((written[-1] / "state.json").read_text())
+    assert meta["step"] >= stepped
+
+
+def test_continual_trains_on_pushed_samples_and_its_queue_survives_a_restart(tmp_path: Path) -> None:
+    ns, runs = "cont", tmp_path / "runs"
+    continual = spec(steps=None)
+    del continual["training"]["steps"]
+    samples = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+
+    with running_runtime_server(runs) as server, server.client() as api:
+        assert put(api, ns, "clock", spec()).status_code == 200
+        assert put(api, ns, "learner", continual).status_code == 200
+        # The clock experiment steps every tick; the learner has no prompts, so it must not.
+        start = wait_steps(api, ns, "clock", 1)["step"]
+        wait_steps(api, ns, "clock", start + 3)
+        learner = state(api, ns, "learner")
+        assert learner["step"] == 0 and learner["totalSteps"] is None
+
+        r = api.post(f"/v1/experiments/{ns}/learner/samples", json={"samples": samples[:2]})
+        assert r.status_code == 200 and r.json() == {"accepted": 2, "queued": 2}
+        wait_steps(api, ns, "learner", 1)  # promptsPerStep is 2: one step, then it waits again
+        clock = step_of(api, ns, "clock")
+        wait_steps(api, ns, "clock", clock + 3)
+        assert step_of(api, ns, "learner") == 1
+
+        # Suspend it (checkpoint, out of its slot), queue 4 more prompts, and stop the server.
+        assert put(api, ns, "learner", {**continual, "suspend": True}).status_code == 200
+        wait_for(lambda: state(api, ns, "learner")["phase"] == "Suspended", what="suspended")
+        r = api.post(f"/v1/experiments/{ns}/learner/samples", json={"samples": samples[2:]})
+        assert r.status_code == 200 and r.json()["queued"] == 4
+        checkpoint = state(api, ns, "learner")["lastCheckpoint"]
+        assert checkpoint["step"] == 1
+        assert server.terminate(timeout=90) == 0
+
+    with running_runtime_server(runs) as server, server.client() as api:
+        assert put(api, ns, "clock", spec()).status_code == 200
+        assert put(api, ns, "learner", continual, resumeFrom=checkpoint["path"]).status_code == 200
+        # The 4 queued prompts make two more steps, then it waits.
+        wait_steps(api, ns, "learner", 3)
+        clock = wait_steps(api, ns, "clock", 1)["step"]
+        wait_steps(api, ns, "clock", clock + 3)
+        assert step_of(api, ns, "learner") == 3

