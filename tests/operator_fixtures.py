@@ -30,7 +30,6 @@ from typing import Any
 import httpx
 import jsonpatch
 import kmock
-from clora_operator.pods import is_runtime_pod, pod_info
 
 from clora.constants import (
     EXPERIMENT_KIND,
@@ -45,6 +44,7 @@ from clora.constants import (
     TOKEN_SECRET_KEY,
     VERSION,
 )
+from clora_operator.pods import is_runtime_pod, pod_info
 
 RUNTIMES = f"{GROUP}/{VERSION}/{RUNTIME_PLURAL}"
 EXPERIMENTS = f"{GROUP}/{VERSION}/{EXPERIMENT_PLURAL}"

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+
+from clora.api.runtime_api import Sample
 from clora_runtime.engine import Engine, ExperimentConflict, ExperimentNotFound
 from clora_runtime.sampling.base import SampleRequest
 from clora_runtime.tasks import rewards as rewards_module
 from clora_runtime.tasks.gsm8k import Gsm8kTask
-
-from clora.api.runtime_api import Sample
 
 
 def varied_reward(text: str, answer: str) -> float:
@@ -194,3 +194,41 @@ def test_low_temperature_sampling_follows_the_full_forward(tiny_engine: Any, spe
         for _ in range(8):
             ids.append(int(engine.bank.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     assert got == ids[len(prompt) :]
+
+
+def test_training_logprobs_equal_a_plain_forward_of_each_row(tiny_engine: Any, spec_factory: Any) -> None:
+    """The trainer runs each group's prompt once and its completions on the shared cache, rows of
+    several adapters padded together; each row must get what a forward of it alone gives."""
+    from clora_runtime.lora.layers import BatchPlan
+    from clora_runtime.training.trainer import TrainRow, _Prepared
+
+    engine = tiny_engine()
+    engine.upsert("ns", "a", spec_factory(lora={"rank": 4}))
+    engine.upsert("ns", "b", spec_factory(lora={"rank": 8}, training={"seed": 3}))
+    engine.tick()
+    with torch.no_grad():  # B starts at zero: give it weight so the adapters matter
+        for key in ("ns/a", "ns/b"):
+            for b in engine.bank.adapters[key].b.values():
+                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    rows = [
+        TrainRow("ns/a", [1, 5, 9], [7, 8, 2], 0.0, 1.0),
+        TrainRow("ns/a", [1, 5, 9], [4], 0.0, 1.0),
+        TrainRow("ns/a", [1, 2, 3, 4, 5, 6], [11, 12], 0.0, 1.0),
+        TrainRow("ns/b", [1, 5, 9], [7, 8, 2, 6, 6], 0.0, 1.0),
+    ]
+    slots = [engine.bank.adapters[r.key].slot for r in rows]
+    prepared = _Prepared.build(rows, slots, torch.device("cpu"))
+    with torch.no_grad():
+        got = prepared.token_logprobs(engine.bank, adapters_on=True)
+        base = prepared.token_logprobs(engine.bank, adapters_on=False)
+        want, want_base = [], []
+        for row, slot in zip(rows, slots, strict=True):
+            ids = torch.tensor([row.prompt_ids + row.completion_ids])
+            n = len(row.prompt_ids)
+            for s, out in ((slot, want), (-1, want_base)):
+                with engine.bank.plan(BatchPlan.from_slots([s])):
+                    logits = engine.bank.model(input_ids=ids).logits[0, n - 1 : -1].log_softmax(-1)
+                out.append(logits.gather(1, torch.tensor(row.completion_ids).unsqueeze(1)).squeeze(1))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base, torch.cat(want_base), rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-4

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from clora_runtime.tasks import rewards as rewards_module
 
 
@@ -84,6 +85,9 @@ def test_packed_experiment_learns_what_it_learns_alone(
     assert norm(alone, trained) > 0
     packed_rel = diff_norm(packed, alone, keys) / norm(alone, keys)
     reseeded_rel = diff_norm(reseeded, alone, keys) / norm(alone, keys)
+    lp_rel = float(((packed_lp - alone_lp) / alone_lp).abs().max())
+    print(f"isolation: first-step log-prob max relative difference {lp_rel:.2e}")
+    print(f"isolation: weights packed {packed_rel:.2e} vs reseeded {reseeded_rel:.2e} (relative norm)")
     assert packed_rel <= 1e-3
     assert reseeded_rel >= 100 * packed_rel
     # The same on the learned part alone, a stricter comparison than whole weights.

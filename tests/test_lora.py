@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
 from clora_runtime.lora.layers import BatchPlan, LoRAContext, MultiLoRALinear, SlotWeights
-from torch import nn
 
 
 def test_segments_match_a_per_row_loop() -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-from clora_operator.config import OperatorConfig
 from operator_fixtures import (
     EXPERIMENTS,
     NS,
@@ -35,10 +34,16 @@ from operator_fixtures import (
 )
 
 from clora.constants import LABEL_KUEUE_QUEUE, RUNTIME_PORT
+from clora_operator.config import OperatorConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio, pytest.mark.timeout(600)]
 
 RUNTIME = "tiny"
+# Experiments start long, so nothing finishes before the scenario is done with it on any machine;
+# then `finish_soon` lowers spec.training.steps (a mutable field the runtime applies in place).
+LONG = 100_000
+# Steps beyond the last status: more than the runtime can do within one status poll.
+MARGIN = 80
 
 
 def free_port() -> int:
@@ -104,6 +109,13 @@ class Scenario:
             timeout=timeout,
         )
         return self.c.status(name)
+
+    async def finish_soon(self, name: str) -> int:
+        """Lowers the experiment's step budget to a little beyond where it is; returns the target."""
+        target = self.c.status(name).get("step", 0) + MARGIN
+        await self.c.patch(EXPERIMENTS, NS, name, {"spec": {"training": {"steps": target}}})
+        await self.c.wait_for(f"{name} totalSteps", lambda: self.c.status(name).get("totalSteps") == target)
+        return target
 
     def reasons(self, name: str) -> list[str]:
         return [e["reason"] for e in self.c.events(name)]
@@ -208,7 +220,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
 
                 # Five experiments over four slots: spread 2 + 2, the fifth waits (FIFO).
                 for i in range(5):
-                    await cluster.create(EXPERIMENTS, experiment(f"exp-{i}", steps=100))
+                    await cluster.create(EXPERIMENTS, experiment(f"exp-{i}", steps=LONG))
                     await asyncio.sleep(1.05)  # creationTimestamp has second precision: FIFO order
                 for i in range(4):
                     await s.wait_phase(f"exp-{i}", "Scheduled", "Running", "Succeeded")
@@ -220,7 +232,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
 
                 # A sixth, higher priority: preempts the youngest of the lowest priority (exp-3).
                 await s.wait_step("exp-3", 10)
-                await cluster.create(EXPERIMENTS, experiment("vip", steps=40, priority=10))
+                await cluster.create(EXPERIMENTS, experiment("vip", steps=LONG, priority=10))
                 vip = await s.wait_phase("vip", "Scheduled", "Running", "Succeeded")
                 victim = await s.wait_phase("exp-3", "Queued", "Scheduled", "Running", "Succeeded")
                 preempted = await s.wait_event("exp-3", "Preempted")
@@ -229,10 +241,12 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 assert vip["runtimePod"] is not None
 
                 # Everything of the first wave succeeds; the victim resumed from its checkpoint.
-                for name in ["exp-0", "exp-1", "exp-2", "exp-3", "exp-4", "vip"]:
+                wave = ["exp-0", "exp-1", "exp-2", "exp-3", "exp-4", "vip"]
+                targets = {name: await s.finish_soon(name) for name in wave}
+                for name in wave:
                     st = await s.wait_phase(name, "Succeeded", "Failed", timeout=240)
                     assert st["phase"] == "Succeeded", (name, st)
-                    assert st["step"] == st["totalSteps"]
+                    assert st["step"] == st["totalSteps"] == targets[name]
                     assert st["reward"].get("mean") is not None
                     assert st["completionTime"] and st["startTime"]
                     assert st["lastCheckpoint"]["path"].startswith(str(checkpoints))
@@ -243,7 +257,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
 
                 # Time from creation to Running on a warm pod, and status lag runtime -> CR.
                 t0 = time.monotonic()
-                await cluster.create(EXPERIMENTS, experiment("warm", steps=150, every=10))
+                await cluster.create(EXPERIMENTS, experiment("warm", steps=LONG, every=10))
                 await s.wait_phase("warm", "Scheduled", "Running")
                 measurements["create -> Scheduled (PUT answered)"] = f"{time.monotonic() - t0:.2f} s"
                 await s.wait_phase("warm", "Running")
@@ -281,6 +295,8 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 await s.wait_event("warm", "ResumedFromCheckpoint")
                 st = await s.wait_step("warm", suspended_step)
                 assert st["step"] >= suspended_step  # resumed, not restarted
+                # A changed step budget reaches the runtime on its pod (a re-PUT, no restart).
+                target = await s.finish_soon("warm")
 
                 # Kueue: created suspended with a queue label, it waits until Kueue flips suspend.
                 await cluster.create(
@@ -296,7 +312,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 await s.wait_phase("kueued", "Succeeded", timeout=120)
 
                 # Delete mid-run: a checkpoint is left, the slot is freed, the object goes.
-                await cluster.create(EXPERIMENTS, experiment("doomed", steps=400, every=5))
+                await cluster.create(EXPERIMENTS, experiment("doomed", steps=LONG, every=5))
                 await s.wait_step("doomed", 6)
                 doomed_pod = s.c.status("doomed")["runtimePod"]
                 await cluster.delete(EXPERIMENTS, NS, "doomed")
@@ -307,8 +323,8 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 await s.wait_event("doomed", "Checkpointed")
 
                 # Operator restart: placements are adopted, none duplicated or lost.
-                await cluster.create(EXPERIMENTS, experiment("r1", steps=300))
-                await cluster.create(EXPERIMENTS, experiment("r2", steps=300))
+                await cluster.create(EXPERIMENTS, experiment("r1", steps=LONG))
+                await cluster.create(EXPERIMENTS, experiment("r2", steps=LONG))
                 await s.wait_phase("r1", "Running")
                 await s.wait_phase("r2", "Running")
                 before = {n: s.c.status(n)["runtimePod"] for n in ("warm", "r1", "r2")}
@@ -326,12 +342,15 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 # Kill the runtime process under r1: its experiments move to the other pod,
                 # resume from their checkpoints and succeed. (Once warm is done, the other pod has
                 # room for whatever was on the killed one.)
-                await s.wait_phase("warm", "Succeeded", timeout=240)
+                st = await s.wait_phase("warm", "Succeeded", "Failed", timeout=240)
+                assert (st["phase"], st["step"]) == ("Succeeded", target), st
                 await s.wait_step("r1", 20)
                 killed = s.c.status("r1")["runtimePod"]
                 killed_node = s.c.status("r1")["node"]
                 moved = [n for n in ("r1", "r2") if s.c.status(n).get("runtimePod") == killed]
                 checkpoint_steps = {n: s.c.status(n)["lastCheckpoint"]["step"] for n in moved}
+                steps_at_kill = {n: s.c.status(n)["step"] for n in moved}
+                killed_at = time.monotonic()
                 kubelet.kill(killed)
                 for name in moved:
                     await s.c.wait_for(
@@ -344,10 +363,17 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                     )
                     await s.wait_event(name, "RuntimeLost")
                     await s.wait_event(name, "ResumedFromCheckpoint")
+                measurements["runtime killed -> its experiments placed on the other pod"] = (
+                    f"{time.monotonic() - killed_at:.1f} s (unresponsive after 6 s)"
+                )
+                measurements["steps redone after the kill (status step - checkpoint step)"] = str(
+                    {n: steps_at_kill[n] - checkpoint_steps[n] for n in moved}
+                )
+                targets = {name: await s.finish_soon(name) for name in ("r1", "r2")}
                 for name in ("r1", "r2"):
                     st = await s.wait_phase(name, "Succeeded", "Failed", timeout=240)
                     assert st["phase"] == "Succeeded", (name, st)
-                    assert st["step"] == st["totalSteps"]
+                    assert st["step"] == st["totalSteps"] == targets[name]
                 for name in moved:
                     # Steps lost are at most checkpoint.everySteps: it resumed at its checkpoint.
                     assert checkpoint_steps[name] >= 10

@@ -8,8 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from clora_operator import admission, config, k8s, pods, status
-from clora_operator.scheduler import Policy
 
 from clora.api import LoRARuntime
 from clora.api.runtime_api import ExperimentState
@@ -22,6 +20,8 @@ from clora.constants import (
     REASON_UNKNOWN_RUNTIME,
     TOKEN_FILE_ENV,
 )
+from clora_operator import admission, config, k8s, pods, status
+from clora_operator.scheduler import Policy
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPEC: dict[str, Any] = {"runtime": "pool", "task": {"name": "arithmetic"}, "training": {"steps": 10}}
@@ -164,9 +164,11 @@ def test_runtime_pod_is_pinned_owned_and_configured() -> None:
         "name": "pool",
         "uid": "u-1",
         "controller": True,
-        "blockOwnerDeletion": True,
+        "blockOwnerDeletion": False,
     }
     spec = pod["spec"]
+    assert spec["securityContext"] == {"fsGroup": 10001}
+    assert spec["containers"][0]["securityContext"]["runAsNonRoot"] is True
     term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["node-1"]
     c = spec["containers"][0]

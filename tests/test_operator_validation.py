@@ -5,17 +5,28 @@ experiment whose runtime is gone does not block."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from clora_operator.config import OperatorConfig
-from clora_operator.pods import build_runtime_pod
 from operator_fixtures import EXPERIMENTS, NS, RUNTIMES, Cluster, emulated_cluster, running_operator
 
 from clora.api import LoRARuntime
+from clora_operator.config import OperatorConfig
+from clora_operator.pods import build_runtime_pod
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def experiment(name: str, **spec: Any) -> dict[str, Any]:
@@ -149,3 +160,43 @@ async def test_delete_does_not_block_when_the_runtime_is_gone(tmp_path: Path) ->
                 "RuntimeLost event", lambda: cluster.events("orphan", "RuntimeLost")
             )
             assert "without a final checkpoint" in event[0]["message"]
+
+
+async def test_clora_operator_command_runs_against_the_emulator(tmp_path: Path) -> None:
+    """`clora operator` as the chart runs it: a subprocess with a kubeconfig, liveness and metrics."""
+    async with emulated_cluster(tmp_path) as cluster:
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig(tmp_path / "kubeconfig"))}
+        health, metrics = free_port(), free_port()
+        args = ["--standalone", f"--liveness-port={health}", f"--metrics-port={metrics}"]
+        log = (tmp_path / "operator.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clora.cli", "operator", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            await cluster.add_node("node-a")
+            await cluster.create(
+                RUNTIMES,
+                {
+                    "apiVersion": "clora.dev/v1alpha1",
+                    "kind": "LoRARuntime",
+                    "metadata": {"name": "pool", "namespace": NS},
+                    "spec": {"baseModel": "tiny"},
+                },
+            )
+            await cluster.wait_for(
+                "token Secret", lambda: cluster.get("v1/secrets", NS, "pool-token"), timeout=60
+            )
+            await cluster.wait_for(
+                "runtime pod", lambda: cluster.get("v1/pods", NS, "pool-node-a"), timeout=30
+            )
+            async with httpx.AsyncClient(timeout=5) as http:
+                assert (await http.get(f"http://127.0.0.1:{health}/healthz")).status_code == 200
+                text = (await http.get(f"http://127.0.0.1:{metrics}/metrics")).text
+            assert "clora_runtime_pods_ready" in text
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, (tmp_path / "operator.log").read_text()[-3000:]

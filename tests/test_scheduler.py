@@ -6,6 +6,7 @@ import random
 import time
 
 import pytest
+
 from clora_operator.scheduler import (
     Decision,
     Need,

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+
+from clora.api import Task as TaskSpec
 from clora_runtime.tasks import build_task, chat_prompt, get_reward
 from clora_runtime.tasks.arithmetic import ArithmeticTask
 from clora_runtime.tasks.gsm8k import Gsm8kTask, reference_answer
 from clora_runtime.tasks.rewards import FORMAT_ONLY_CREDIT, last_number
-
-from clora.api import Task as TaskSpec
 
 
 @pytest.mark.parametrize(

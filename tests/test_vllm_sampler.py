@@ -33,9 +33,10 @@ def _needs_vllm() -> None:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama vLLM's CPU kernels can run, saved the way clora saves built-in models."""
-    from clora_runtime.models.loading import load_tokenizer, smollm2_dir
     from safetensors.torch import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clora_runtime.models.loading import load_tokenizer, smollm2_dir
 
     tokenizer = load_tokenizer(smollm2_dir())
     config = LlamaConfig(
@@ -149,6 +150,11 @@ def test_rows_do_not_depend_on_their_neighbours(setup: dict[str, Any]) -> None:
     assert [len(c.token_ids) for c in together] == [12, 12, 5]
     other_seed = sampler.generate([SampleRequest("ns/a", TOKENS, 12, 1.0, 70)])
     assert other_seed[0].token_ids != alone[0].token_ids
+    # A prompt longer than vLLM's context gets an empty completion; it does not sink the batch.
+    too_long = SampleRequest("ns/b", [5] * (sampler.max_model_len + 10), 12, 1.0, 1)
+    mixed = sampler.generate([too_long, row])
+    assert mixed[0].token_ids == [] and not mixed[0].finished
+    assert mixed[1] == alone[0]
 
 
 def test_runtime_trains_with_the_vllm_sampler(model_dir: Path, tmp_path: Path) -> None:

@@ -29,6 +29,12 @@ class OperatorConfig(BaseModel):
         "clora",
         description="The kopf peering object shared by the replicas: one of them is active at a time.",
     )
+    priority: int | None = Field(
+        None,
+        ge=0,
+        description="kopf peering priority of this replica; the highest one is active. Default: a random"
+        " one per process, since kopf pauses every replica when the highest priority is shared.",
+    )
     liveness_port: int = Field(8081, ge=0, le=65535, description="Port of /healthz (0: none).")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Port of the Prometheus /metrics (0: none).")
     poll_interval: float = Field(
@@ -38,7 +44,7 @@ class OperatorConfig(BaseModel):
         5.0, gt=0, description="Longest pause between two passes over a LoRARuntime's pool and queue."
     )
     unresponsive_after: float = Field(
-        10.0,
+        20.0,
         gt=0,
         description="A runtime pod that has not answered for this long is lost: its experiments move.",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 
 import kopf
 
@@ -29,7 +30,7 @@ async def run(config: OperatorConfig, *, stop_flag: asyncio.Event | None = None)
         registry=build_registry(config),
         standalone=config.standalone,
         peering_name=None if config.standalone else config.peering,
-        priority=0,
+        priority=config.priority if config.priority is not None else random.randrange(1, 2**31),
         namespaces=config.namespaces,
         clusterwide=not config.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{config.liveness_port}/healthz" if config.liveness_port else None,

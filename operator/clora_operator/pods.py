@@ -37,6 +37,9 @@ from clora.constants import (
 TOKEN_MOUNT = "/var/run/secrets/clora"
 CHECKPOINT_VOLUME = "checkpoints"
 TOKEN_VOLUME = "token"
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_MOUNT = "/var/cache/clora"
+RUNTIME_UID = 10001  # the image's non-root user (Dockerfile)
 # The model loads before /readyz answers; a startup probe gives it up to 30 minutes.
 STARTUP_PROBE_PERIOD_S = 10
 STARTUP_PROBE_FAILURES = 180
@@ -83,7 +86,9 @@ def owner_reference(runtime: LoRARuntime) -> dict[str, Any]:
         "name": runtime.metadata.name,
         "uid": runtime.metadata.uid or "",
         "controller": True,
-        "blockOwnerDeletion": True,
+        # blockOwnerDeletion would need update on loraruntimes/finalizers (OwnerReferencesPermission-
+        # Enforcement); the operator releases experiments itself, so foreground deletion gains nothing.
+        "blockOwnerDeletion": False,
     }
 
 
@@ -174,7 +179,15 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
         "volumeMounts": [
             {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_volume.mount_path},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True},
+            # The image's model cache (CLORA_CACHE_DIR): a converted model survives container restarts.
+            {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT},
         ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     return {
         "apiVersion": "v1",
@@ -188,6 +201,8 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
         },
         "spec": {
             "restartPolicy": "Always",
+            # Volumes (checkpoints on a PVC or hostPath) become writable by the non-root runtime user.
+            "securityContext": {"fsGroup": RUNTIME_UID},
             # SIGTERM makes the runtime checkpoint every adapter before it exits.
             "terminationGracePeriodSeconds": GRACE_PERIOD_S,
             "affinity": {
@@ -205,6 +220,7 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
             "volumes": [
                 _checkpoint_volume(runtime),
                 {"name": TOKEN_VOLUME, "secret": {"secretName": secret_name(name)}},
+                {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
             ],
         },
     }

@@ -586,6 +586,9 @@ async def _mirror(
         done, checkpoint = await _delete_from_pod(state, pool, record.key, info.name)
         if done:
             pool.placements.pop(record.key, None)
+            view = pool.pods.get(info.name)
+            if view is not None and view.answer is not None:
+                view.answer.pop(record.key, None)
             if checkpoint:
                 await write_status(state, pool, record, dataclasses.replace(obs, checkpoint=checkpoint))
         return True

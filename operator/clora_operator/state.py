@@ -8,10 +8,11 @@ checks them against the runtimes' answers (pool.py, `_recover`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -163,6 +164,17 @@ class OperatorState:
     pools: dict[tuple[str, str], Pool] = field(default_factory=dict)
     phase_counts: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    closing: bool = False
+    """Set when the operator stops, before its clients close."""
+
+    @contextlib.contextmanager
+    def counting_errors(self, kind: str) -> Iterator[None]:
+        """Counts an exception escaping a handler (then lets it go on to kopf's retries)."""
+        try:
+            yield
+        except Exception:
+            self.metrics.reconcile_errors.labels(kind).inc()
+            raise
 
     def reset_pool(self, namespace: str, runtime: str) -> Pool:
         self.pools[(namespace, runtime)] = Pool(namespace=namespace, name=runtime)

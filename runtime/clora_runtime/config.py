@@ -47,10 +47,11 @@ class EngineConfig(BaseModel):
         description="Where checkpoints and pushed-sample queues are written, one folder per experiment.",
     )
     micro_batch_tokens: int = Field(
-        4096,
+        2048,
         ge=64,
-        description="Upper bound on padded tokens (rows x longest row) in one training forward/backward;"
-        " bounds training memory whatever the number of experiments.",
+        description="Upper bound on padded tokens in one training forward/backward (unique prompts x"
+        " longest prompt + rows x longest completion); bounds training memory whatever the number of"
+        " experiments.",
     )
     max_batch_rows: int = Field(
         512, ge=1, description="Upper bound on completions generated together in one sampling batch."

@@ -239,8 +239,8 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
                     totals["trained"] += report.tokens_trained
                     totals["seconds"] += report.duration
                     totals["last"] = report
-                    if not console.is_terminal:
-                        console.print(_line(report, tracked))
+                    if not console.is_terminal:  # a log, not a table, when piped
+                        print(_line(report, tracked), file=sys.stderr, flush=True)
                 live.update(_table(tracked, totals))
                 if report is None and not waiting:
                     break
@@ -368,6 +368,9 @@ def plot_rewards(tracked: dict, path: Path, title: str) -> None:
         window = 5
         smooth = [_mean(t.rewards[max(0, i - window + 1) : i + 1]) for i in range(len(t.rewards))]
         ax.plot(steps, smooth, color=line.get_color(), linewidth=2, label=f"{t.namespace}/{t.name}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward (thin: per step, thick: mean of last 5)")
     ax.set_title(title)

@@ -8,7 +8,7 @@ from typing import Any
 import kopf
 
 from clora.api import TERMINAL_PHASES
-from clora.constants import EXPERIMENT_PLURAL, GROUP, VERSION
+from clora.constants import EXPERIMENT_KIND, EXPERIMENT_PLURAL, GROUP, VERSION
 from clora_operator import admission, pool
 from clora_operator.config import OperatorConfig
 from clora_operator.state import ExperimentRecord, state_of
@@ -39,7 +39,8 @@ async def validate(
     if ref and ref.get("name"):
         configmap = await state.kube.get_configmap(namespace, ref["name"])
     problem = admission.check(spec, namespace, runtime, configmap)
-    await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
+    with state.counting_errors(EXPERIMENT_KIND):
+        await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
 
 
 async def delete(
@@ -48,7 +49,8 @@ async def delete(
     """Checkpoint on the runtime, free the slot; never blocks deletion for longer than delete_timeout."""
     state = state_of(memo)
     record = ExperimentRecord.from_body(body)
-    await pool.release(state, state.pool(namespace, str(spec.get("runtime", ""))), record, logger)
+    with state.counting_errors(EXPERIMENT_KIND):
+        await pool.release(state, state.pool(namespace, str(spec.get("runtime", ""))), record, logger)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:

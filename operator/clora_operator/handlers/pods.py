@@ -36,4 +36,5 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         info = pod_info(body)
         runtime_pool = state.pool(info.namespace, info.runtime)
         records = list(experiments_by_runtime.get((info.namespace, info.runtime), []))
-        await pool.poll_pod(state, runtime_pool, info, records, logger)
+        with state.counting_errors("Pod"):
+            await pool.poll_pod(state, runtime_pool, info, records, logger)

@@ -32,13 +32,16 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         # A fresh picture each time the daemon starts (operator start, or resumed after peering
         # paused it): placements are adopted again from the experiments' statuses.
         runtime_pool = state.reset_pool(namespace, name)
-        while not stopped:
+        while not stopped and not state.closing:
             try:
                 runtime = LoRARuntime.model_validate(dict(body))
                 records = list(experiments_by_runtime.get((namespace, name), []))
-                await pool.reconcile(state, runtime, records, logger)
+                with state.counting_errors(RUNTIME_KIND):
+                    await pool.reconcile(state, runtime, records, logger)
             except Exception:
-                state.metrics.reconcile_errors.labels(RUNTIME_KIND).inc()
+                if stopped or state.closing:
+                    break  # the operator is stopping and has closed its clients under us
+                # The loop must outlive any one failure: log it and try again at the next pass.
                 logger.exception("reconciling LoRARuntime %s/%s failed; retrying", namespace, name)
             await runtime_pool.nap(config.reconcile_interval, stopped)
 

@@ -69,6 +69,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         state = state_of(memo)
+        # kopf runs cleanup before it cancels the daemons: they must stop using the clients.
+        state.closing = True
         server = memo.get(METRICS_SERVER_KEY)
         if server is not None:
             server.shutdown()  # so an operator restarted in the same process can bind the port

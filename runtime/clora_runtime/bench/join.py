@@ -40,7 +40,10 @@ def runtime_server(
 ) -> Iterator[tuple[httpx.Client, float]]:
     """A `clora runtime` process on a free loopback port; yields (client, spawn time)."""
     port, token = _free_port(), secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="clora-join-") as ckpt, open(Path(ckpt) / "server.log", "w+") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="clora-join-") as ckpt,
+        open(Path(ckpt) / "server.log", "w+") as log,
+    ):
         env = {**os.environ, TOKEN_ENV: token}
         spawned = time.time()
         proc = subprocess.Popen(

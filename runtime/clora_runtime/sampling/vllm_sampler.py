@@ -48,7 +48,8 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 GPU_MEMORY_UTILIZATION = float(os.environ.get("CLORA_VLLM_GPU_MEMORY_UTILIZATION", "0.35"))
 # vLLM's CPU KV cache in GiB (the CPU build reads VLLM_CPU_KVCACHE_SPACE; its default takes far more).
 CPU_KV_CACHE_GIB = os.environ.get("CLORA_VLLM_CPU_KVCACHE_GIB", "1")
-MAX_MODEL_LEN = int(os.environ.get("CLORA_VLLM_MAX_MODEL_LEN", "4096"))
+# Longest prompt + completion; vLLM sizes its KV cache for at least one sequence this long.
+MAX_MODEL_LEN = int(os.environ.get("CLORA_VLLM_MAX_MODEL_LEN", "8192"))
 
 
 def vllm_lora_rank(max_rank: int) -> int:
@@ -108,6 +109,7 @@ class VLLMSampler(Sampler):
         self._lock = threading.Lock()
         self.sync_stats = SyncStats()
         self.llm = _start_engine(loaded, config, self._root)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     # ---- Sampler ---------------------------------------------------------------------------------
 
@@ -150,24 +152,37 @@ class VLLMSampler(Sampler):
             SamplingParams(
                 n=1,
                 temperature=r.temperature,
-                max_tokens=r.max_new_tokens,
+                max_tokens=max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids))),
                 seed=r.seed,
                 stop_token_ids=self._eos,
                 detokenize=False,
             )
             for r in requests
         ]
-        outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-        completions: list[Completion] = []
-        for out in outputs:
+        # vLLM refuses a whole batch when one prompt leaves no room to generate; such rows get an
+        # empty completion (no tokens: nothing to train on) instead of failing every experiment.
+        fits = [i for i, r in enumerate(requests) if len(r.prompt_ids) < self.max_model_len]
+        if len(fits) < len(requests):
+            log.warning(
+                "%d prompt(s) longer than vLLM's max_model_len %d skipped",
+                len(requests) - len(fits),
+                self.max_model_len,
+            )
+        outputs = (
+            []
+            if not fits
+            else self.llm.generate(
+                [prompts[i] for i in fits],
+                [params[i] for i in fits],
+                lora_request=[loras[i] for i in fits],
+                use_tqdm=False,
+            )
+        )
+        completions = [Completion(token_ids=[], finished=False) for _ in requests]
+        for i, out in zip(fits, outputs, strict=True):
             seq = out.outputs[0]
-            ids = list(seq.token_ids)
-            finished = seq.finish_reason == "stop"
-            # vLLM drops a matched stop_token_id from the output unless it is the model's EOS;
-            # the contract says EOS is included when produced.
-            if finished and (not ids or ids[-1] not in self._eos) and seq.stop_reason in self._eos:
-                ids.append(int(seq.stop_reason))
-            completions.append(Completion(token_ids=ids, finished=finished))
+            # A stop on EOS keeps the EOS token as the last id, as the contract asks.
+            completions[i] = Completion(token_ids=list(seq.token_ids), finished=seq.finish_reason == "stop")
         return completions
 
     # ---- beyond the ABC --------------------------------------------------------------------------

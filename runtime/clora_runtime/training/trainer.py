@@ -61,19 +61,17 @@ class Trainer:
         self.record_logprobs = False  # keep each adapter's token log-probabilities (tests, debugging)
 
     def micro_batches(self, rows: list[TrainRow]) -> list[list[TrainRow]]:
-        """Rows ordered by (slot, length), cut so that rows x longest row stays within the budget."""
+        """Rows ordered by (slot, prompt) so each adapter's rows, and each group, are contiguous; cut so
+        that the padded tokens (unique prompts x longest prompt + rows x longest completion) fit."""
         slot = {k: a.slot for k, a in self.bank.adapters.items()}
-        ordered = sorted(rows, key=lambda r: (slot[r.key], len(r.prompt_ids) + len(r.completion_ids)))
+        ordered = sorted(rows, key=lambda r: (slot[r.key], r.prompt_ids))
         batches: list[list[TrainRow]] = []
         current: list[TrainRow] = []
-        longest = 0
         for row in ordered:
-            length = len(row.prompt_ids) + len(row.completion_ids)
-            if current and (len(current) + 1) * max(longest, length) > self.micro_batch_tokens:
+            if current and _padded_tokens([*current, row]) > self.micro_batch_tokens:
                 batches.append(current)
-                current, longest = [], 0
+                current = []
             current.append(row)
-            longest = max(longest, length)
         if current:
             batches.append(current)
         return batches
@@ -117,43 +115,18 @@ class Trainer:
         generators: dict[int, torch.Generator],
         device: torch.device,
     ) -> None:
-        model = self.bank.model
-        lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in batch]
-        width = max(lengths)
-        pad = 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids + r.completion_ids)
-        ids = ids.to(device)
-        # Right padding with a causal mask: a real token never sees padding, so no attention mask is needed.
-        positions = torch.arange(width, device=device).unsqueeze(0).expand(len(batch), -1)
-        # Flat (row, position) of every completion token and the position that predicts it.
-        row_idx, pred_pos, targets, weights, advs = [], [], [], [], []
-        for i, r in enumerate(batch):
-            n, m = len(r.prompt_ids), len(r.completion_ids)
-            row_idx.extend([i] * m)
-            pred_pos.extend(range(n - 1, n + m - 1))
-            targets.extend(r.completion_ids)
-            weights.extend([r.token_weight] * m)
-            advs.extend([r.advantage] * m)
-        row_t = torch.tensor(row_idx, device=device)
-        pos_t = torch.tensor(pred_pos, device=device)
-        target_t = torch.tensor(targets, device=device)
-        weight_t = torch.tensor(weights, device=device, dtype=torch.float32)
-        adv_t = torch.tensor(advs, device=device, dtype=torch.float32)
-        slots = [adapters[r.key].slot for r in batch]
-
+        prepared = _Prepared.build(batch, [adapters[r.key].slot for r in batch], device)
         ref_logp = None
         if any(hyper[r.key].kl_coef > 0 for r in batch):
-            with torch.no_grad(), self.bank.plan(None):  # the reference is the base: every adapter off
-                ref_logp = self._token_logprobs(model, ids, positions, row_t, pos_t, target_t)
-
-        plan = BatchPlan.from_slots(slots, training=True)
-        plan.dropout_generators = generators
-        with self.bank.plan(plan):
-            logp = self._token_logprobs(model, ids, positions, row_t, pos_t, target_t)
-        # Per-token owner, to cut the loss per adapter.
-        owner = [r.key for r in batch for _ in range(len(r.completion_ids))]
+            with torch.no_grad():  # the reference is the base model: every adapter off
+                ref_logp = prepared.token_logprobs(self.bank, adapters_on=False)
+        logp = prepared.token_logprobs(self.bank, adapters_on=True, generators=generators)
+        weight_t = torch.tensor(
+            [r.token_weight for r in batch for _ in r.completion_ids], device=device, dtype=torch.float32
+        )
+        adv_t = torch.tensor([r.advantage for r in batch for _ in r.completion_ids], device=device)
+        # Per-token owner, to cut the loss per adapter (rows of one adapter are contiguous).
+        owner = [r.key for r in batch for _ in r.completion_ids]
         total: torch.Tensor | None = None
         start = 0
         while start < len(owner):
@@ -174,9 +147,9 @@ class Trainer:
             loss = (part * weight_t[start:end]).sum()
             value = float(loss.detach())
             res.tokens += end - start
+            result.tokens += end - start
             if self.record_logprobs:
                 res.logprobs.append(logp[start:end].detach().clone())
-            result.tokens += end - start
             if res.error is None and not math.isfinite(value):
                 res.error = f"non-finite loss ({value}) at this step"
             if res.error is None:
@@ -186,16 +159,122 @@ class Trainer:
         if total is not None:
             total.backward()
 
-    @staticmethod
-    def _token_logprobs(
-        model: torch.nn.Module,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        row_t: torch.Tensor,
-        pos_t: torch.Tensor,
-        target_t: torch.Tensor,
+
+def _padded_tokens(rows: list[TrainRow]) -> int:
+    prompts = {tuple(r.prompt_ids) for r in rows}
+    longest_prompt = max(len(r.prompt_ids) for r in rows)
+    longest_completion = max(len(r.completion_ids) for r in rows)
+    return len(prompts) * longest_prompt + len(rows) * longest_completion
+
+
+@dataclass
+class _Prepared:
+    """A micro-batch as tensors. Each unique (slot, prompt) is run once (left-padded), its KV cache is
+    repeated for the rows of its group, then all completions run on top of it (right-padded), so a
+    GRPO group pays for its prompt once instead of groupSize times."""
+
+    prompt_ids: torch.Tensor  # [U, Lp], left-padded
+    prompt_mask: torch.Tensor  # [U, Lp]
+    prompt_slots: list[int]
+    source: torch.Tensor  # [R]: the unique prompt of each row
+    completion_ids: torch.Tensor  # [R, Lc], right-padded
+    completion_mask: torch.Tensor  # [R, Lc]
+    row_slots: list[int]
+    first_rows: torch.Tensor  # rows of every completion token j == 0 (predicted from the prompt)
+    rest_rows: torch.Tensor  # (row, j - 1) of every completion token j >= 1
+    rest_cols: torch.Tensor
+    is_first: torch.Tensor  # [N] bool, in token order (row by row)
+    targets: torch.Tensor  # [N]
+
+    @classmethod
+    def build(cls, batch: list[TrainRow], slots: list[int], device: torch.device) -> _Prepared:
+        unique: list[tuple[int, tuple[int, ...]]] = []
+        source: list[int] = []
+        for row, slot in zip(batch, slots, strict=True):
+            key = (slot, tuple(row.prompt_ids))
+            if not unique or unique[-1] != key:
+                unique.append(key)
+            source.append(len(unique) - 1)
+        lp = max(len(p) for _, p in unique)
+        lc = max(len(r.completion_ids) for r in batch)
+        prompt_ids = torch.zeros((len(unique), lp), dtype=torch.long)
+        prompt_mask = torch.zeros((len(unique), lp), dtype=torch.long)
+        for i, (_, prompt) in enumerate(unique):
+            prompt_ids[i, lp - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[i, lp - len(prompt) :] = 1
+        completion_ids = torch.zeros((len(batch), lc), dtype=torch.long)
+        completion_mask = torch.zeros((len(batch), lc), dtype=torch.long)
+        first_rows, rest_rows, rest_cols, is_first, targets = [], [], [], [], []
+        for i, row in enumerate(batch):
+            m = len(row.completion_ids)
+            completion_ids[i, :m] = torch.tensor(row.completion_ids)
+            completion_mask[i, :m] = 1
+            first_rows.append(i)
+            rest_rows.extend([i] * (m - 1))
+            rest_cols.extend(range(m - 1))
+            is_first.extend([True] + [False] * (m - 1))
+            targets.extend(row.completion_ids)
+        return cls(
+            prompt_ids=prompt_ids.to(device),
+            prompt_mask=prompt_mask.to(device),
+            prompt_slots=[s for s, _ in unique],
+            source=torch.tensor(source, device=device),
+            completion_ids=completion_ids.to(device),
+            completion_mask=completion_mask.to(device),
+            row_slots=list(slots),
+            first_rows=torch.tensor(first_rows, device=device),
+            rest_rows=torch.tensor(rest_rows, device=device, dtype=torch.long),
+            rest_cols=torch.tensor(rest_cols, device=device, dtype=torch.long),
+            is_first=torch.tensor(is_first, device=device),
+            targets=torch.tensor(targets, device=device),
+        )
+
+    def token_logprobs(
+        self,
+        bank: AdapterBank,
+        adapters_on: bool,
+        generators: dict[int, torch.Generator] | None = None,
     ) -> torch.Tensor:
-        hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-        picked = hidden[row_t, pos_t]  # only completion positions go through the LM head
-        logits = model.get_output_embeddings()(picked).float()
-        return logits.gather(1, target_t.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        """log p(token) of every completion token, in row order: with each row's adapter (training,
+        dropout on), or with every adapter off (the base model, the KL reference)."""
+        from transformers import DynamicCache
+
+        model = bank.model
+        decoder = model.get_decoder()
+        cache = DynamicCache()
+        prompt_positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+
+        def run(slots: list[int], **kwargs: torch.Tensor | DynamicCache | bool) -> torch.Tensor:
+            plan = BatchPlan.from_slots(slots, training=True) if adapters_on else None
+            if plan is not None and generators is not None:
+                plan.dropout_generators = generators
+            with bank.plan(plan):
+                return decoder(**kwargs).last_hidden_state
+
+        hp = run(
+            self.prompt_slots,
+            input_ids=self.prompt_ids,
+            attention_mask=self.prompt_mask,
+            position_ids=prompt_positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_select_indices(self.source)  # each row continues from its group's prompt
+        mask = torch.cat([self.prompt_mask[self.source], self.completion_mask], dim=1)
+        start = self.prompt_mask.sum(-1)[self.source]
+        positions = start.unsqueeze(1) + torch.arange(self.completion_ids.shape[1], device=start.device)
+        hc = run(
+            self.row_slots,
+            input_ids=self.completion_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        first = hp[self.source[self.first_rows], -1]  # [R, H]
+        rest = hc[self.rest_rows, self.rest_cols]  # [N - R, H]
+        hidden = torch.empty((self.targets.shape[0], first.shape[-1]), dtype=first.dtype, device=first.device)
+        hidden = hidden.index_put((self.is_first.nonzero().squeeze(1),), first)
+        hidden = hidden.index_put(((~self.is_first).nonzero().squeeze(1),), rest)
+        logits = model.get_output_embeddings()(hidden).float()
+        return logits.gather(1, self.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
