@@ -359,7 +359,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                             s.c.status(name).get("node") not in (None, killed_node)
                             and s.phase(name) in ("Scheduled", "Running", "Succeeded")
                         ),
-                        timeout=90,
+                        timeout=240,
                     )
                     await s.wait_event(name, "RuntimeLost")
                     await s.wait_event(name, "ResumedFromCheckpoint")

@@ -7,7 +7,9 @@ built from a config with a fixed seed and smollm2's tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import shutil
 import sys
@@ -26,16 +28,20 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
 # A Llama of ~3.2M parameters, almost all in the (tied) embedding of smollm2's 49152-token vocabulary.
+# Head size 32 (64 / 2 heads): vLLM's CPU build supports head sizes 32, 64, 80, ... but not 16.
 TINY_SHAPE: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     max_position_embeddings=4096,
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
+# Bumped whenever the way built-in folders are written changes, so stale caches are rebuilt.
+# 2: a tied embedding is stored under model.embed_tokens.weight (vLLM ignores lm_head.weight then).
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -92,18 +98,51 @@ def _progress(message: str) -> None:
     print(f"clora: {message}", file=sys.stderr, flush=True)
 
 
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write a model's weights as one safetensors file the way Hugging Face checkpoints are laid out:
+    a tied LM head is stored once, as model.embed_tokens.weight (vLLM reads only that name for tied
+    models; transformers ties lm_head back on load)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {
+        name: tensor.detach().contiguous()
+        for name, tensor in state.items()
+        if not (tied and name == "lm_head.weight")
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a fully written folder into place: whole folder or nothing, never a half-written cache."""
+    if (target / "config.json").exists():  # another process published it meanwhile; keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # lost a race to another process; theirs is as good
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def smollm2_dir() -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2"
+    target = cache_dir() / "models" / f"smollm2-v{CACHE_FORMAT}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    _progress(f"converting {gguf.name} once into {target} (about a minute; reused afterwards)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    legacy = cache_dir() / "models" / "smollm2"  # an older format's folder: re-saving it takes seconds
+    if (legacy / "config.json").exists() and (legacy / "tokenizer.json").exists():
+        _progress(f"re-saving {legacy} into {target}")
+        tokenizer = AutoTokenizer.from_pretrained(legacy)
+        model = AutoModelForCausalLM.from_pretrained(legacy, dtype=torch.float32)
+    else:
+        gguf = smollm2_gguf_path()
+        _progress(f"converting {gguf.name} once into {target} (about a minute; reused afterwards)")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF weights are de-quantized to float32 on load; the folder is a plain float32 checkpoint.
     model.config.quantization_config = None
     del model.config.quantization_config
@@ -112,10 +151,9 @@ def smollm2_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     model.config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"))  # handles the tied embedding / LM head
+    save_weights(model, staging / "model.safetensors")
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # whole folder or nothing: a killed conversion leaves no half-written cache
+    _publish(staging, target)
     _progress(f"smollm2 cached in {target}")
     return target
 
@@ -130,11 +168,15 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 
 
 def tiny_dir() -> Path:
-    """A folder with the tiny model (built from TINY_SHAPE with a fixed seed) and smollm2's tokenizer."""
-    target = cache_dir() / "models" / "tiny"
+    """A folder with the tiny model (built from TINY_SHAPE with a fixed seed) and smollm2's tokenizer.
+
+    The folder name carries a hash of the shape, seed and cache format, so changing any of them builds
+    a new folder instead of reusing a stale one.
+    """
+    recipe = json.dumps({"shape": TINY_SHAPE, "seed": TINY_SEED, "format": CACHE_FORMAT}, sort_keys=True)
+    target = cache_dir() / "models" / f"tiny-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from safetensors.torch import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_tokenizer(smollm2_dir())
@@ -152,10 +194,9 @@ def tiny_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"))
+    save_weights(model, staging / "model.safetensors")
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    _publish(staging, target)
     return target
 
 

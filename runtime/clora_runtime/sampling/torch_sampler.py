@@ -3,7 +3,7 @@
 Rows are ordered so that each adapter's rows are contiguous (the layers work on row segments) and
 identical prompts of one adapter (a GRPO group) are prefilled once, then their cache rows repeated.
 Prompts are left-padded with per-row positions, so padding changes a row's numbers by rounding only.
-Each row draws its tokens from its own torch.Generator seeded by the request (Gumbel-max sampling),
+Each row draws its tokens from its own torch.Generator seeded by the request (inverse-CDF sampling),
 so a row's tokens never depend on its neighbours; finished rows leave the batch at once.
 """
 
@@ -15,6 +15,8 @@ import torch
 
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
+
+VOCAB_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
 if TYPE_CHECKING:
     from clora_runtime.config import EngineConfig
@@ -107,8 +109,7 @@ class TorchSampler(Sampler):
             plan = BatchPlan.from_slots(slots)
             eos = set(self.eos)
             while True:
-                gumbel = torch.stack([self._gumbel(gens[i], logits.shape[-1], device) for i in alive])
-                chosen = (logits / temps[alive] + gumbel).argmax(dim=-1).tolist()
+                chosen = self._draw(logits, temps[alive], [gens[i] for i in alive])
                 keep: list[int] = []
                 for b, i in enumerate(alive):
                     tokens[i].append(chosen[b])
@@ -139,6 +140,34 @@ class TorchSampler(Sampler):
         return [Completion(token_ids=t, finished=f) for t, f in zip(tokens, finished, strict=True)]
 
     @staticmethod
-    def _gumbel(gen: torch.Generator, vocab: int, device: torch.device) -> torch.Tensor:
-        u = torch.rand(vocab, generator=gen, device=device).clamp_(1e-20, 1.0)
-        return -torch.log(-torch.log(u))
+    def _draw(logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]) -> list[int]:
+        """One token per row by inverse-CDF sampling: one uniform number from each row's own generator,
+        so rows never share randomness (and a row's draw does not depend on the batch).
+
+        Two levels, so no cumulative sum runs over the whole vocabulary (a sequential scan, slow on a
+        CPU): block sums pick the block of VOCAB_BLOCK tokens the draw falls in, then a cumulative sum
+        over that block alone picks the token. `logits` is overwritten.
+        """
+        rows, vocab = logits.shape
+        scaled = logits.div_(temps)
+        weights = scaled.sub_(scaled.amax(dim=1, keepdim=True)).exp_()  # unnormalised probabilities
+        full = vocab // VOCAB_BLOCK * VOCAB_BLOCK
+        sums = weights[:, :full].reshape(rows, -1, VOCAB_BLOCK).sum(dim=2)
+        if full < vocab:
+            sums = torch.cat([sums, weights[:, full:].sum(dim=1, keepdim=True)], dim=1)
+        block_cdf = sums.cumsum(dim=1)
+        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in gens])
+        # scaled by the row's total: the draw lies in [0, total); side="right" never picks a block or
+        # token of zero mass, even for u == 0
+        target = (u * block_cdf[:, -1]).unsqueeze(1)
+        block = torch.searchsorted(block_cdf, target, side="right").clamp_(max=sums.shape[1] - 1)
+        before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+        columns = block * VOCAB_BLOCK + torch.arange(VOCAB_BLOCK, device=logits.device)
+        columns.clamp_(max=vocab - 1)
+        inside = weights.gather(1, columns).cumsum(dim=1)
+        # columns past the vocabulary (a short last block) repeat its last token: masked out here
+        inside.masked_fill_(columns >= vocab, float("inf"))
+        offset = torch.searchsorted(inside, target - before, side="right").clamp_(max=VOCAB_BLOCK - 1)
+        # a row whose logits are not finite (a diverged adapter) still gets a token; its loss then
+        # fails that experiment alone
+        return (block.squeeze(1) * VOCAB_BLOCK + offset.squeeze(1)).clamp_(max=vocab - 1).tolist()

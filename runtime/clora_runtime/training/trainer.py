@@ -276,5 +276,76 @@ class _Prepared:
         hidden = torch.empty((self.targets.shape[0], first.shape[-1]), dtype=first.dtype, device=first.device)
         hidden = hidden.index_put((self.is_first.nonzero().squeeze(1),), first)
         hidden = hidden.index_put(((~self.is_first).nonzero().squeeze(1),), rest)
-        logits = model.get_output_embeddings()(hidden).float()
-        return logits.gather(1, self.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return target_logprobs(hidden, model.get_output_embeddings(), self.targets)
+
+
+# Token rows per chunk of the LM head: logits of [chunk, vocab] floats (about 16 MiB) at a time.
+HEAD_CHUNK_ELEMENTS = 2**22
+
+
+def target_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for each row of hidden [N, H], in float32.
+
+    A frozen bias-free linear head (every decoder-only LM here) goes through _TargetLogProb, which never
+    holds the [N, vocab] logits; anything else falls back to plain autograd.
+    """
+    weight = getattr(head, "weight", None)
+    plain = (
+        not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or weight is None
+        or weight.requires_grad
+    )
+    if plain:
+        logits = head(hidden).float()
+        return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+    return _TargetLogProb.apply(hidden, weight, targets, chunk)
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log p(target) under softmax(hidden @ W.T), chunked over rows, W frozen.
+
+    Autograd through logits + logsumexp + gather keeps [N, vocab] tensors alive and makes several
+    passes over them in the backward (on the tiny model they are most of a training step). The
+    gradient needs far less: d log p(t) / d h = W[t] - E_p[W] = W[t] - softmax(h W^T) @ W. The forward
+    computes E_p[W] ([N, H]) chunk by chunk while each chunk's probabilities are at hand and saves only
+    that; the backward is one gather and a subtraction.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        need_grad = ctx.needs_input_grad[0]
+        expected = torch.empty((n, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            logits = (hidden[start:end] @ weight.T).float()  # [c, V]
+            target = logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            weights = logits.sub_(peak).exp_()  # in place: unnormalised probabilities
+            total = weights.sum(dim=1)
+            out[start:end] = target - peak.squeeze(1) - total.log()
+            if need_grad:
+                mixed = (weights.to(weight.dtype) @ weight).float()
+                expected[start:end] = mixed / total.unsqueeze(1)
+        ctx.save_for_backward(expected if need_grad else None, weight, targets)
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
+        expected, weight, targets = ctx.saved_tensors
+        if expected is None:
+            return None, None, None, None
+        grad_hidden = grad.unsqueeze(1) * (weight[targets].float() - expected)
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None
