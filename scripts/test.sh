@@ -19,5 +19,5 @@ ruff check .
 ruff format --check .
 lint-imports
 
-.venv-vllm/bin/python -m pytest -m vllm
+.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_sampler.py
 pytest -m "not vllm" "$@"

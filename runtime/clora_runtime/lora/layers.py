@@ -113,13 +113,11 @@ class MultiLoRALinear(nn.Module):
             return y
         if len(plan.segments) == 1:
             return y + self._delta(x, active[0][0], plan)
-        parts = []
-        for slot, start, end in plan.segments:
-            part = y[start:end]
-            if slot >= 0 and self.slots[slot] is not None:
-                part = part + self._delta(x[start:end], slot, plan)
-            parts.append(part)
-        return torch.cat(parts, dim=0)
+        # In place, segment by segment, instead of concatenating new parts: no copy of the whole output.
+        # Autograd allows it: the base matmul's backward needs its weight and input, not its output.
+        for slot, start, end in active:
+            y[start:end] += self._delta(x[start:end], slot, plan)
+        return y
 
     def _delta(self, x: torch.Tensor, slot: int, plan: BatchPlan) -> torch.Tensor:
         w = self.slots[slot]
