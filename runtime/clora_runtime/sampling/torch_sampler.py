@@ -1,7 +1,8 @@
 """The built-in sampler: KV-cached batched generation through the same multi-LoRA layers as training.
 
 Rows are ordered so that each adapter's rows are contiguous (the layers work on row segments) and
-identical prompts of one adapter (a GRPO group) are prefilled once, then their cache rows repeated.
+identical prompts of one adapter (a GRPO group) are prefilled once, then their cache rows repeated;
+the head an adapter's prompts share (the chat template's system turn) is prefilled once per adapter.
 Prompts are left-padded with per-row positions, so padding changes a row's numbers by rounding only.
 Each row draws its tokens from its own torch.Generator seeded by the request (inverse-CDF sampling),
 so a row's tokens never depend on its neighbours; finished rows leave the batch at once.
@@ -15,6 +16,7 @@ import torch
 
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
+from clora_runtime.training.trainer import shared_prefixes
 
 VOCAB_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
@@ -72,20 +74,35 @@ class TorchSampler(Sampler):
             if not unique or unique[-1] != key:
                 unique.append(key)
             source.append(len(unique) - 1)
-        width = max(len(p) for _, p in unique)
-        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for i, (_, prompt) in enumerate(unique):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
         from transformers import DynamicCache
 
         cache = DynamicCache()
         decoder = model.get_decoder()
         head = model.get_output_embeddings()
+        # An adapter's prompts share the chat template's head: run it once per adapter (see the trainer).
+        prefixes = shared_prefixes(unique)
+        tails = [list(p) for _, p in unique]
+        prefix_mask = prefix_source = None
+        if prefixes is not None:
+            prefix_slots = list(prefixes)
+            heads = [next(p for s, p in unique if s == slot)[: prefixes[slot]] for slot in prefix_slots]
+            prefix_ids, prefix_mask = self._left_padded(heads, device)
+            with self.bank.plan(BatchPlan.from_slots(prefix_slots)):
+                decoder(
+                    input_ids=prefix_ids,
+                    attention_mask=prefix_mask,
+                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            prefix_source = torch.tensor([prefix_slots.index(s) for s, _ in unique], device=device)
+            cache.batch_select_indices(prefix_source)
+            tails = [list(p[prefixes[s] :]) for s, p in unique]
+        ids, mask = self._left_padded(tails, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_mask is not None and prefix_source is not None:
+            positions = positions + prefix_mask.sum(-1)[prefix_source].unsqueeze(1)
+            mask = torch.cat([prefix_mask[prefix_source], mask], dim=1)
         with self.bank.plan(BatchPlan.from_slots([s for s, _ in unique])) as _:
             hidden = decoder(
                 input_ids=ids,
@@ -138,6 +155,18 @@ class TorchSampler(Sampler):
                 logits = head(hidden).float()
                 next_pos = next_pos + 1
         return [Completion(token_ids=t, finished=f) for t, f in zip(tokens, finished, strict=True)]
+
+    def _left_padded(
+        self, prompts: list[list[int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask [len(prompts), longest], prompts aligned on the right."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        return ids.to(device), mask.to(device)
 
     @staticmethod
     def _draw(logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]) -> list[int]:

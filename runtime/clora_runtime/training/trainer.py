@@ -18,6 +18,8 @@ from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.training.grpo import token_losses
 
 MAX_GRAD_NORM = 1.0
+# Fewer prompt tokens saved than this do not pay for the extra decoder call of a shared-prefix stage.
+MIN_PREFIX_SAVING = 16
 
 
 @dataclass
@@ -160,6 +162,27 @@ class Trainer:
             total.backward()
 
 
+def shared_prefixes(unique: list[tuple[int, tuple[int, ...]]]) -> dict[int, int] | None:
+    """Per slot, the length of the head its unique (slot, prompt) pairs share (each prompt keeps at
+    least its last token for the prompt stage), or None when some slot shares none or too little would
+    be saved. Used by the trainer and the torch sampler alike."""
+    by_slot: dict[int, list[tuple[int, ...]]] = {}
+    for slot, prompt in unique:
+        by_slot.setdefault(slot, []).append(prompt)
+    lengths: dict[int, int] = {}
+    for slot, prompts in by_slot.items():
+        first = prompts[0]
+        common = min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            differ = (i for i, (x, y) in enumerate(zip(first, p, strict=False)) if x != y)
+            common = min(common, next(differ, common))
+        if common < 1:
+            return None
+        lengths[slot] = common
+    saved = sum((len(prompts) - 1) * lengths[slot] for slot, prompts in by_slot.items())
+    return lengths if saved >= MIN_PREFIX_SAVING else None
+
+
 def _padded_tokens(rows: list[TrainRow]) -> int:
     prompts = {tuple(r.prompt_ids) for r in rows}
     longest_prompt = max(len(r.prompt_ids) for r in rows)
@@ -171,9 +194,17 @@ def _padded_tokens(rows: list[TrainRow]) -> int:
 class _Prepared:
     """A micro-batch as tensors. Each unique (slot, prompt) is run once (left-padded), its KV cache is
     repeated for the rows of its group, then all completions run on top of it (right-padded), so a
-    GRPO group pays for its prompt once instead of groupSize times."""
+    GRPO group pays for its prompt once instead of groupSize times.
 
-    prompt_ids: torch.Tensor  # [U, Lp], left-padded
+    Prompts of one adapter mostly share a long head (the chat template's system turn): when every
+    adapter of the micro-batch has one, that prefix is run once per adapter first and each prompt runs
+    only its own tail on top of it (its cache repeated per prompt, as the prompts' is per row)."""
+
+    prefix_ids: torch.Tensor | None  # [S, Lx], left-padded: one shared prefix per adapter, or None
+    prefix_mask: torch.Tensor | None  # [S, Lx]
+    prefix_slots: list[int]
+    prefix_source: torch.Tensor | None  # [U]: the prefix of each unique prompt
+    prompt_ids: torch.Tensor  # [U, Lp], left-padded (the tail after the prefix, if any)
     prompt_mask: torch.Tensor  # [U, Lp]
     prompt_slots: list[int]
     source: torch.Tensor  # [R]: the unique prompt of each row
@@ -195,13 +226,29 @@ class _Prepared:
             if not unique or unique[-1] != key:
                 unique.append(key)
             source.append(len(unique) - 1)
-        lp = max(len(p) for _, p in unique)
+        prefixes = shared_prefixes(unique)
+        prefix_ids = prefix_mask = prefix_source = None
+        prefix_slots: list[int] = []
+        tails = [prompt for _, prompt in unique]
+        if prefixes is not None:
+            prefix_slots = list(prefixes)
+            lx = max(prefixes.values())
+            prefix_ids = torch.zeros((len(prefix_slots), lx), dtype=torch.long)
+            prefix_mask = torch.zeros((len(prefix_slots), lx), dtype=torch.long)
+            for i, slot in enumerate(prefix_slots):
+                head = next(p for s, p in unique if s == slot)[: prefixes[slot]]
+                prefix_ids[i, lx - len(head) :] = torch.tensor(head)
+                prefix_mask[i, lx - len(head) :] = 1
+            prefix_source = torch.tensor([prefix_slots.index(s) for s, _ in unique], device=device)
+            tails = [prompt[prefixes[slot] :] for slot, prompt in unique]
+            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        lp = max(len(t) for t in tails)
         lc = max(len(r.completion_ids) for r in batch)
         prompt_ids = torch.zeros((len(unique), lp), dtype=torch.long)
         prompt_mask = torch.zeros((len(unique), lp), dtype=torch.long)
-        for i, (_, prompt) in enumerate(unique):
-            prompt_ids[i, lp - len(prompt) :] = torch.tensor(prompt)
-            prompt_mask[i, lp - len(prompt) :] = 1
+        for i, tail in enumerate(tails):
+            prompt_ids[i, lp - len(tail) :] = torch.tensor(tail)
+            prompt_mask[i, lp - len(tail) :] = 1
         completion_ids = torch.zeros((len(batch), lc), dtype=torch.long)
         completion_mask = torch.zeros((len(batch), lc), dtype=torch.long)
         first_rows, rest_rows, rest_cols, is_first, targets = [], [], [], [], []
@@ -215,6 +262,10 @@ class _Prepared:
             is_first.extend([True] + [False] * (m - 1))
             targets.extend(row.completion_ids)
         return cls(
+            prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
+            prefix_slots=prefix_slots,
+            prefix_source=prefix_source,
             prompt_ids=prompt_ids.to(device),
             prompt_mask=prompt_mask.to(device),
             prompt_slots=[s for s, _ in unique],
@@ -243,6 +294,7 @@ class _Prepared:
         decoder = model.get_decoder()
         cache = DynamicCache()
         prompt_positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = self.prompt_mask
 
         def run(slots: list[int], **kwargs: torch.Tensor | DynamicCache | bool) -> torch.Tensor:
             plan = BatchPlan.from_slots(slots, training=True) if adapters_on else None
@@ -251,17 +303,30 @@ class _Prepared:
             with bank.plan(plan):
                 return decoder(**kwargs).last_hidden_state
 
+        if self.prefix_ids is not None:
+            assert self.prefix_mask is not None and self.prefix_source is not None
+            run(
+                self.prefix_slots,
+                input_ids=self.prefix_ids,
+                attention_mask=self.prefix_mask,
+                position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache.batch_select_indices(self.prefix_source)  # each prompt continues from its prefix
+            prompt_positions = prompt_positions + self.prefix_mask.sum(-1)[self.prefix_source].unsqueeze(1)
+            prompt_mask = torch.cat([self.prefix_mask[self.prefix_source], self.prompt_mask], dim=1)
         hp = run(
             self.prompt_slots,
             input_ids=self.prompt_ids,
-            attention_mask=self.prompt_mask,
+            attention_mask=prompt_mask,
             position_ids=prompt_positions,
             past_key_values=cache,
             use_cache=True,
         )
         cache.batch_select_indices(self.source)  # each row continues from its group's prompt
-        mask = torch.cat([self.prompt_mask[self.source], self.completion_mask], dim=1)
-        start = self.prompt_mask.sum(-1)[self.source]
+        mask = torch.cat([prompt_mask[self.source], self.completion_mask], dim=1)
+        start = prompt_mask.sum(-1)[self.source]
         positions = start.unsqueeze(1) + torch.arange(self.completion_ids.shape[1], device=start.device)
         hc = run(
             self.row_slots,
