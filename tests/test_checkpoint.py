@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -71,3 +72,19 @@ def test_resume_in_a_new_process_continues_exactly(tmp_path: Path) -> None:
     assert checkpoints == [f"step-{K:08d}"]  # keep: 1, and no staging folder left behind
     state = json.loads((tmp_path / "ckpt-half" / "ns" / "x" / checkpoints[0] / "state.json").read_text())
     assert state["step"] == K and len(state["rewards"]) == K
+
+
+def test_resolve_resume_takes_a_newer_sibling_when_the_named_checkpoint_was_pruned(tmp_path: Path) -> None:
+    from clora_runtime.checkpoint import resolve_resume
+
+    run = tmp_path / "ns" / "exp"
+    for step in (30, 40):
+        (run / f"step-{step:08d}").mkdir(parents=True)
+        (run / f"step-{step:08d}" / "adapter_model.safetensors").write_bytes(b"x")
+    assert resolve_resume(str(run / "step-00000030")) == run / "step-00000030"
+    # step 20 was pruned after the operator last saw it: the newest one of the same run is used.
+    assert resolve_resume(str(run / "step-00000020")) == run / "step-00000040"
+    with pytest.raises(ValueError, match="resumeFrom"):
+        resolve_resume(str(run / "step-00000050"))  # nothing newer: refused
+    with pytest.raises(ValueError, match="resumeFrom"):
+        resolve_resume(str(tmp_path / "elsewhere"))

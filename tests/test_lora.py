@@ -100,3 +100,27 @@ def test_export_peft_loads_in_peft_with_the_same_logits(tiny_dir: Path, tmp_path
         theirs = peft_model(input_ids=ids).logits
     assert (ours - base_logits).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_target_logprobs_match_plain_autograd() -> None:
+    """The trainer's LM-head function (chunked, never holding [tokens, vocab] logits) gives the same
+    values and hidden-state gradients as log_softmax over the full logits."""
+    import torch
+
+    from clora_runtime.training.trainer import target_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (37,))
+    weights = torch.randn(37)
+
+    ours = target_logprobs(hidden, head, targets)
+    (ours * weights).sum().backward()
+    grad_ours = hidden.grad.clone()
+    hidden.grad = None
+    plain = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    (plain * weights).sum().backward()
+
+    assert torch.allclose(ours, plain, atol=1e-5)
+    assert torch.allclose(grad_ours, hidden.grad, atol=1e-5)

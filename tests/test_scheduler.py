@@ -261,3 +261,18 @@ def test_benchmark_1000_experiments_over_100_pods(capsys: pytest.CaptureFixture[
     assert decided == {n.key for n in snap.waiting}
     with capsys.disabled():
         print(f"\nscheduler: 1000 experiments over 100 pods in {elapsed * 1000:.1f} ms")
+
+
+def test_an_experiment_lost_with_its_pod_moves_to_another_node_while_one_fits() -> None:
+    """The replacement pod on the lost node is emptiest (spread would pick it); another node is preferred,
+    and the lost node is still used when nothing else fits."""
+    lost = Need(key="ns/r1", rank=8, tokens=100, avoid_nodes=frozenset({"node-a"}))
+    replacement = PodSnapshot(name="p-a", node="node-a", max_adapters=4, max_rank=64, tokens_per_tick=1000)
+    other = PodSnapshot(
+        name="p-b", node="node-b", max_adapters=4, max_rank=64, tokens_per_tick=1000, running=(need("ns/x"),)
+    )
+    assert schedule(Snapshot(pods=(replacement, other), waiting=(lost,))) == [Place(key="ns/r1", pod="p-b")]
+    full = PodSnapshot(
+        name="p-b", node="node-b", max_adapters=1, max_rank=64, tokens_per_tick=1000, running=(need("ns/x"),)
+    )
+    assert schedule(Snapshot(pods=(replacement, full), waiting=(lost,))) == [Place(key="ns/r1", pod="p-a")]

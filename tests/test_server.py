@@ -200,6 +200,7 @@ def test_not_found(api: httpx.Client) -> None:
         ),
         ({}, "spec: required"),
         ({"spec": spec(), "resumeFrom": 3}, "resumeFrom"),
+        ({"spec": spec(), "resumeFrom": "/no/such/checkpoint"}, "resumeFrom"),
     ],
 )
 def test_put_422_names_the_field(api: httpx.Client, body: dict[str, Any], detail: str) -> None:

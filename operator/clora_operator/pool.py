@@ -253,6 +253,8 @@ async def _drop_lost(
             continue
         message = f"runtime pod {placement.pod} {why}; {_checkpoint_note(pool.status_of(record))}"
         logger.warning("%s: %s", key, message)
+        if view is not None and view.info.node:
+            pool.avoid_nodes[key] = pool.avoid_nodes.get(key, frozenset()) | {view.info.node}
         await _requeue(state, pool, record, REASON_RUNTIME_LOST, message)
 
 
@@ -340,7 +342,7 @@ async def _clean_up(
                 view.answer.pop(key, None)
 
 
-def _need(record: ExperimentRecord) -> scheduler.Need:
+def _need(pool: Pool, record: ExperimentRecord) -> scheduler.Need:
     assert record.parsed is not None
     return scheduler.Need(
         key=record.key,
@@ -348,6 +350,7 @@ def _need(record: ExperimentRecord) -> scheduler.Need:
         tokens=record.parsed.tokens_per_tick(),
         priority=record.parsed.priority,
         created=record.created,
+        avoid_nodes=pool.avoid_nodes.get(record.key, frozenset()),
     )
 
 
@@ -377,7 +380,7 @@ async def _schedule(
         if not _healthy(view):
             continue
         running = tuple(
-            _need(by_key[k])
+            _need(pool, by_key[k])
             for k, p in pool.placements.items()
             if p.pod == name and k in by_key and by_key[k].parsed
         )
@@ -395,7 +398,7 @@ async def _schedule(
     if not waiting:
         return
     snapshot = scheduler.Snapshot(
-        pods=tuple(pods), waiting=tuple(_need(r) for r in waiting), policy=state.config.policy
+        pods=tuple(pods), waiting=tuple(_need(pool, r) for r in waiting), policy=state.config.policy
     )
     for decision in scheduler.schedule(snapshot):
         record = by_key[decision.key]
@@ -421,7 +424,7 @@ async def _schedule(
             by = by_key[decision.by]
             where = {"lastCheckpoint": checkpoint} if checkpoint else pool.status_of(record)
             message = (
-                f"preempted on {decision.pod} by {by.name} (priority {_need(by).priority});"
+                f"preempted on {decision.pod} by {by.name} (priority {_need(pool, by).priority});"
                 f" {_checkpoint_note(where)}"
             )
             await _requeue(state, pool, record, REASON_PREEMPTED, message, checkpoint=checkpoint)
@@ -601,6 +604,7 @@ async def _mirror(
 async def release(state: OperatorState, pool: Pool, record: ExperimentRecord, logger: logging.Logger) -> None:
     """Checkpoints a deleted experiment on its pod and frees the slot; gives up after delete_timeout."""
     async with pool.lock:
+        pool.avoid_nodes.pop(record.key, None)
         placement = pool.placements.get(record.key)
         pod = placement.pod if placement else record.status.get("runtimePod")
         if (pod and record.status.get("phase") not in TERMINAL_PHASES) or placement is not None:

@@ -40,6 +40,8 @@ class Need:
     priority: int = 0
     created: float = 0.0
     """Creation time as a number (seconds since the epoch): older is admitted first."""
+    avoid_nodes: frozenset[str] = frozenset()
+    """Nodes whose runtime pod lost this experiment: a pod elsewhere is preferred while one fits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,8 @@ def schedule(snapshot: Snapshot) -> list[Decision]:
     decisions: list[Decision] = []
     for need in admission_order(snapshot.waiting):
         fitting = [p for p in pods if p.fits(need)]
+        # After a pod was lost, its replacement on the same node may be up again; move elsewhere first.
+        fitting = [p for p in fitting if p.snap.node not in need.avoid_nodes] or fitting
         if fitting:
             pod = _pick(fitting, snapshot.policy)
             pod.add(need)

@@ -125,6 +125,8 @@ class Pool:
     pods: dict[str, PodView] = field(default_factory=dict)
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     """key -> the status as last written here: newer than the index until the watch catches up."""
+    avoid_nodes: dict[str, frozenset[str]] = field(default_factory=dict)
+    """key -> nodes whose runtime pod lost that experiment (the scheduler prefers other nodes)."""
     token: str | None = None
     recovered: bool = False
     kick: asyncio.Event = field(default_factory=asyncio.Event)

@@ -48,6 +48,22 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def resolve_resume(path: str) -> Path:
+    """The checkpoint to resume from: `path`, or, when keep-pruning removed it after the caller last
+    looked (the operator's view of lastCheckpoint lags the runtime by a poll), the newest checkpoint of
+    the same experiment beside it, which loses fewer steps. ValueError naming resumeFrom otherwise."""
+    folder = Path(path)
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    if folder.name.startswith(PREFIX):
+        newer = [p for p in list_checkpoints(folder.parent) if (p / "adapter_model.safetensors").is_file()]
+        if newer and newer[-1].name > folder.name:
+            return newer[-1]
+    if not folder.is_dir():
+        raise ValueError(f"resumeFrom: {path} does not exist or is not a folder")
+    raise ValueError(f"resumeFrom: {path} is not a clora checkpoint (no adapter_model.safetensors)")
+
+
 def save(
     bank: AdapterBank, key: str, directory: Path, state: TrainingState, keep: int
 ) -> tuple[Path, datetime]:

@@ -59,16 +59,6 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _check_resume_from(path: str) -> None:
-    """Refuse a resume path now (HTTP 422) rather than fail the experiment at its first tick. Only a new
-    experiment resumes, so only then is the path checked."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"resumeFrom: {path} does not exist or is not a folder")
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise ValueError(f"resumeFrom: {path} is not a clora checkpoint (no adapter_model.safetensors)")
-
-
 @dataclass
 class TickReport:
     """What one tick did."""
@@ -208,7 +198,8 @@ class Engine:
                 return current.to_state()
             self._validate_new(key, spec)
             if resume_from is not None:
-                _check_resume_from(resume_from)
+                # Refused now (HTTP 422) rather than failing the experiment at its first tick.
+                resume_from = str(checkpoint.resolve_resume(resume_from))
             if not spec.suspend and self.free_slots <= 0:
                 raise ExperimentConflict(
                     f"{key}: all {self.config.max_adapters} adapter slots of this runtime are taken"

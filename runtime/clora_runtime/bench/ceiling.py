@@ -48,6 +48,7 @@ def measure(request: CeilingRequest) -> CeilingResult:
         torch.set_num_threads(request.threads)
     base = load_model(request.model, request.device, request.dtype)
     model = base.model
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -60,7 +61,8 @@ def measure(request: CeilingRequest) -> CeilingResult:
         sync()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True)
+            # Only the last position's logits are ever used: the head runs on nothing else.
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(request.new_tokens - 1):
@@ -80,8 +82,9 @@ def measure(request: CeilingRequest) -> CeilingResult:
             # The base is frozen; gradients flow to the input embeddings so the backward pass does the
             # activation-gradient work a LoRA backward does (LoRA's own weight gradients are tiny).
             embeds = model.get_input_embeddings()(part).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds).logits[:, request.prompt_tokens - 1 : -1]
-            logp = torch.log_softmax(logits.float(), -1)
+            hidden = decoder(inputs_embeds=embeds).last_hidden_state[:, request.prompt_tokens - 1 : -1]
+            # The head runs only on the completion positions, the ones a policy-gradient loss reads.
+            logp = torch.log_softmax(head(hidden).float(), -1)
             loss = -logp.gather(-1, part[:, request.prompt_tokens :, None]).mean()
             loss.backward()
         sync()
