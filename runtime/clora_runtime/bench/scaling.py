@@ -11,8 +11,8 @@ from rich.table import Table
 
 from clora.api import LoRAExperimentSpec
 from clora_runtime.bench.processes import run_module
-from clora_runtime.bench.throughput import _request, machine
-from clora_runtime.bench.worker import WorkerResult
+from clora_runtime.bench.throughput import machine
+from clora_runtime.bench.worker import WorkerRequest, WorkerResult
 
 
 def counts(max_experiments: int) -> list[int]:
@@ -36,7 +36,7 @@ def scaling(
     for n in counts(len(exps)):
         with console.status(f"[bold]scaling[/]: {n} experiments together"):
             result, wall = run_module(
-                "clora_runtime.bench.worker", _request(model, device, threads, exps[:n]), WorkerResult
+                "clora_runtime.bench.worker", WorkerRequest.of(model, device, threads, exps[:n]), WorkerResult
             )
         # The first tick pays one-off costs (allocator growth, lazy init); steady state is what scales.
         ticks = [sum(t["seconds"].values()) for t in result.ticks]

@@ -13,7 +13,7 @@ from clora.api import LoRAExperimentSpec
 from clora_runtime.bench.ceiling import CeilingRequest, CeilingResult, ceiling_ratio
 from clora_runtime.bench.processes import run_module
 from clora_runtime.bench.stats import arm_summary, reward_comparison
-from clora_runtime.bench.worker import WorkerExperiment, WorkerRequest, WorkerResult
+from clora_runtime.bench.worker import WorkerRequest, WorkerResult
 
 PROMPT_TOKENS_ESTIMATE = 40  # a chat-templated arithmetic prompt on smollm2's tokenizer
 
@@ -33,16 +33,6 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _request(model: str, device: str, threads: int | None, exps: list[tuple[str, str, LoRAExperimentSpec]]):
-    return WorkerRequest(
-        model=model,
-        device=device,
-        threads=threads,
-        spawned_at=0.0,
-        experiments=[WorkerExperiment(namespace=ns, name=n, spec=s) for ns, n, s in exps],
-    )
-
-
 def run_arm(
     kind: str,
     model: str,
@@ -55,15 +45,15 @@ def run_arm(
     results: list[tuple[WorkerResult, float]] = []
     if kind == "concurrent":
         with console.status(f"[bold]concurrent[/]: {len(exps)} experiments on one warm runtime"):
-            results.append(
-                run_module("clora_runtime.bench.worker", _request(model, device, threads, exps), WorkerResult)
-            )
+            request = WorkerRequest.of(model, device, threads, exps)
+            results.append(run_module("clora_runtime.bench.worker", request, WorkerResult))
         console.log(f"concurrent: {results[0][1]:.1f} s")
     else:
         module = "clora_runtime.bench.worker" if kind == "serial" else "clora_runtime.bench.trl_worker"
         for i, exp in enumerate(exps, 1):
             with console.status(f"[bold]{kind}[/]: experiment {i}/{len(exps)} in a fresh process"):
-                results.append(run_module(module, _request(model, device, threads, [exp]), WorkerResult))
+                request = WorkerRequest.of(model, device, threads, [exp])
+                results.append(run_module(module, request, WorkerResult))
             console.log(f"{kind} {i}/{len(exps)}: {results[-1][1]:.1f} s")
     return arm_summary(results, len(exps))
 

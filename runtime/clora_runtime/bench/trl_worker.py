@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clora_runtime.bench.worker import ExperimentResult, WorkerRequest, WorkerResult, _peak_device_mb
+from clora_runtime.bench.worker import ExperimentResult, WorkerRequest, WorkerResult, peak_device_mb
 
 _SCALE = {"grpo": "group", "dr_grpo": "none", "dapo": "none"}
 
@@ -134,7 +134,7 @@ def run(request: WorkerRequest) -> WorkerResult:
         ],
         ticks=[{"active": 1, "seconds": {"step": s}} for s in step_seconds],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_device_mb=_peak_device_mb(),
+        peak_device_mb=peak_device_mb(),
         device=str(base.device),
     )
 

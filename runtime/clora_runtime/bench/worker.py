@@ -34,6 +34,19 @@ class WorkerRequest(BaseModel):
     spawned_at: float = Field(description="time.time() when the parent started this process")
     experiments: list[WorkerExperiment]
 
+    @classmethod
+    def of(
+        cls, model: str, device: str, threads: int | None, exps: list[tuple[str, str, LoRAExperimentSpec]]
+    ) -> WorkerRequest:
+        """A request for these (namespace, name, spec) experiments; spawned_at is set at the spawn."""
+        return cls(
+            model=model,
+            device=device,
+            threads=threads,
+            spawned_at=0.0,
+            experiments=[WorkerExperiment(namespace=ns, name=n, spec=s) for ns, n, s in exps],
+        )
+
 
 class ExperimentResult(BaseModel):
     key: str
@@ -55,7 +68,7 @@ class WorkerResult(BaseModel):
     device: str = ""
 
 
-def _peak_device_mb() -> float | None:
+def peak_device_mb() -> float | None:
     import torch
 
     if torch.cuda.is_available():
@@ -127,7 +140,7 @@ def run(request: WorkerRequest) -> WorkerResult:
         experiments=results,
         ticks=ticks,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_device_mb=_peak_device_mb(),
+        peak_device_mb=peak_device_mb(),
         device=device,
     )
 
