@@ -21,7 +21,7 @@ from tools import missing
 pytestmark = pytest.mark.vllm
 
 HIDDEN = 64
-HEAD_DIM = 32  # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the tiny model's 16)
+HEAD_DIM = 32  # vLLM's CPU attention supports head sizes 32, 64, 80, ...
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +32,8 @@ def _needs_vllm() -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama vLLM's CPU kernels can run, saved the way clora saves built-in models."""
+    """A tiny Llama vLLM's CPU kernels can run, saved with its tied embedding only as lm_head.weight:
+    the layout the sampler re-keys for vLLM (the built-in models no longer use it, user folders may)."""
     from safetensors.torch import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +60,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("vllm-tiny")
     config.save_pretrained(target)
     model.generation_config.save_pretrained(target)
-    # Like clora's tiny/smollm2 folders: the tied embedding is stored once, as lm_head.weight.
+    # safetensors' save_model keeps the tied tensor once, as lm_head.weight.
     save_model(model, str(target / "model.safetensors"))
     tokenizer.save_pretrained(target)
     return target
