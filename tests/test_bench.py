@@ -123,6 +123,9 @@ def test_bench_scaling_and_join(tmp_path: Path) -> None:
     assert [row["experiments"] for row in s["rows"]] == [1, 2]
     assert all(row["stepSeconds"] > 0 and row["peakMemoryMB"] > 0 for row in s["rows"])
     assert s["memoryPerExtraAdapterMB"] is not None
-    j = _bench(tmp_path, "join", "--steps", "1")
-    assert 0 < j["warmPutToAdmittedSeconds"] <= j["warmPutToFirstStepSeconds"]
+    j = _bench(tmp_path, "join", "--steps", "1", "--busy", "2", "--joins", "2")
+    assert j["busyExperiments"] == 2 and len(j["joins"]) == 2 and j["busyTickSeconds"] > 0
+    for timing in j["joins"]:
+        assert 0 < timing["putToAdmittedSeconds"] <= timing["putToFirstStepSeconds"]
+    assert j["warmPutToAdmittedSeconds"] <= j["warmPutToAdmittedMaxSeconds"]
     assert j["coldStartToReadySeconds"] < j["coldStartToFirstStepSeconds"]

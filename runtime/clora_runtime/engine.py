@@ -1,14 +1,18 @@
 """The warm multi-LoRA engine: one frozen base model, many experiments (adapters) trained together.
 
 Threads: HTTP routes call upsert / remove / push_samples / states from any thread; one loop thread
-calls tick(). Routes only record the desired state under `_lock`; tick() applies it between ticks
-(under `_tick_lock`), so the model and the adapter bank are only ever touched by the tick thread, or
-by remove() / checkpoint_all() after they have waited for the running tick to end.
+calls tick(). Routes only record the desired state under `_lock`; tick() applies it at the start of a
+tick (under `_tick_lock`), so the model and the adapter bank are only ever touched by the tick thread,
+or by remove() / checkpoint_all() after they have waited for the running tick to end.
 
 One tick: every active experiment contributes promptsPerStep x groupSize rows to one sampling batch
 (phase sample), completions are scored (reward), one micro-batched forward/backward over the rows of
 every adapter and one optimizer step per adapter (train), then samplers are synced, states updated
 and checkpoints written (sync). A task, reward or loss failure fails that experiment alone.
+
+An experiment added while a tick runs does not wait for it: at the tick's next join point (any
+decoder layer's forward or backward) it is admitted and takes its first step on its own (see
+`_join_point`); from the next tick on it is packed with the others.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +78,7 @@ class TickReport:
     seconds: dict[str, float]  # phase -> seconds (sample, reward, train, sync)
     completions: dict[str, list[list[int]]] = field(default_factory=dict)  # key -> completion token ids
     logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> token log-probs (if recorded)
+    joined: list[str] = field(default_factory=list)  # keys that took their step alone, at a join point
 
     @property
     def duration(self) -> float:
@@ -111,6 +118,11 @@ class Experiment:
         # adapter can still be read and exported.
         return self.phase != "Suspended" and not (self.phase == "Pending" and self.spec.suspend)
 
+    @property
+    def wants_admission(self) -> bool:
+        """Recorded, meant to run, but not in the bank yet (new, or resumed after a suspend)."""
+        return not self.in_bank and self.phase != "Failed" and not self.spec.suspend
+
     def reward_summary(self) -> Reward:
         if not self.rewards:
             return Reward()
@@ -131,6 +143,10 @@ class Experiment:
         )
 
 
+Planned = tuple[Experiment, list[Problem], list[list[int]]]
+"""An experiment that steps, its problems for this step and their prompts' token ids."""
+
+
 class Engine:
     def __init__(self, config: EngineConfig, metrics: RuntimeMetrics | None = None) -> None:
         self.config = config
@@ -144,6 +160,10 @@ class Engine:
         self._lock = threading.RLock()  # guards _experiments and their desired state
         self._tick_lock = threading.RLock()  # held for a whole tick; remove() waits on it
         self._ticks = 0
+        self._joiners = threading.Event()  # set when an experiment that needs admitting is recorded
+        self._running: TickReport | None = None  # the tick in progress, which newcomers may join
+        self._held: list[Experiment] = []  # admitted at the tick's start, to step at its first join point
+        self._budget_left = 0  # sampling tokens the running tick leaves for newcomers
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -195,6 +215,8 @@ class Engine:
                 if resumes and self.free_slots <= 0:
                     raise ExperimentConflict(f"{key}: no free adapter slot to resume into")
                 current.spec = spec
+                if resumes:
+                    self._joiners.set()
                 return current.to_state()
             self._validate_new(key, spec)
             if resume_from is not None:
@@ -210,6 +232,8 @@ class Engine:
                 exp.phase = "Suspended"
                 exp.message = "suspended before it started"
             self._experiments[key] = exp
+            if not spec.suspend:
+                self._joiners.set()
             self._update_slot_metrics()
             return exp.to_state()
 
@@ -298,23 +322,34 @@ class Engine:
         if not self.ready:
             raise RuntimeError("Engine.load() has not run")
         with self._tick_lock:
-            self._apply_desired()
+            self._joiners.clear()  # everything recorded so far is applied now
+            with self._lock:
+                everyone = list(self._experiments.values())
             failed: dict[str, str] = {}
-            batch = self._collect_problems(failed)
+            admitted = self._apply(everyone, failed)
+            runnable = [e for e in everyone if e.phase == "Running" and e.in_bank]
+            newcomers = [e for e in runnable if e in admitted]
+            veterans = [e for e in runnable if e not in admitted]
+            budget = self.config.tokens_per_tick
+            batch, self._budget_left = self._collect_problems(veterans, budget, failed, True)
+            if batch:
+                # Newcomers beside experiments already training take their first step on their own at
+                # the first join point, rather than after the whole packed tick.
+                self._held = newcomers
+                self._joiners.set()
+            else:
+                batch, self._budget_left = self._collect_problems(newcomers, budget, failed, True)
             if not batch:
                 return None
             self._ticks += 1
             report = TickReport(self._ticks, [], failed, {}, 0, 0, {})
-            t0 = time.perf_counter()
-            completions = self._sample(batch, report)
-            t1 = time.perf_counter()
-            scored = self._score(batch, completions, report)
-            t2 = time.perf_counter()
-            stepped = self._train(scored, report)
-            t3 = time.perf_counter()
-            report.seconds = {"sample": t1 - t0, "reward": t2 - t1, "train": t3 - t2}
-            self._sync(stepped, scored, report, t3 - t0)
-            report.seconds["sync"] = time.perf_counter() - t3
+            self._running = report
+            try:
+                with self._join_points():
+                    self._step(batch, report)
+            finally:
+                self._running = None
+                self._held = []
             if self.metrics is not None:
                 for phase, seconds in report.seconds.items():
                     self.metrics.tick_duration.labels(phase).observe(seconds)
@@ -322,17 +357,106 @@ class Engine:
                 self.metrics.tokens_trained.inc(report.tokens_trained)
             return report
 
-    def _apply_desired(self) -> None:
-        """Bring the bank in line with the recorded specs (adds, suspends, resumes, changed fields)."""
+    def _step(self, batch: list[Planned], report: TickReport) -> None:
+        """One step of every experiment in `batch`: sample, reward, train, sync, each phase timed."""
+        t0 = time.perf_counter()
+        completions = self._sample(batch, report)
+        t1 = time.perf_counter()
+        scored = self._score(batch, completions, report)
+        t2 = time.perf_counter()
+        stepped = self._train(scored, report)
+        t3 = time.perf_counter()
+        report.seconds = {"sample": t1 - t0, "reward": t2 - t1, "train": t3 - t2}
+        self._sync(stepped, scored, report, t3 - t0)
+        report.seconds["sync"] = time.perf_counter() - t3
+
+    @contextmanager
+    def _join_points(self) -> Iterator[None]:
+        """Make every decoder layer a join point for the duration of a tick: before its forward (so
+        between decode steps and micro-batches too) and, in training, after its backward; and every
+        chunk of the trainer's LM head.
+
+        A layer is the finest step that can pause without cost: the running batch keeps its KV cache
+        and autograd graph while a newcomer's step runs its own (autograd allows a backward inside a
+        backward hook). Without a list of decoder layers (an unusual model) a newcomer waits for the
+        tick's end. vLLM samples outside these layers: there the newcomer joins when training begins.
+        """
+        assert self.base is not None
+        layers = getattr(self.base.model.get_decoder(), "layers", None) or []
+
+        def on_backward(_grad: torch.Tensor) -> None:
+            self._join_point()
+
+        def before_layer(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self._join_point()
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(on_backward)
+
+        handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in layers]
+        assert self.trainer is not None
+        self.trainer.pause = self._join_point
+        try:
+            yield
+        finally:
+            self.trainer.pause = None
+            for handle in handles:
+                handle.remove()
+
+    def _join_point(self) -> None:
+        """Where a running tick lets experiments added since it began take their first step.
+
+        Without it a newcomer waits for the tick to end (seconds to minutes with many experiments on
+        a slow device) before it even starts. Here newcomers are admitted and, when their sampling
+        tokens fit in what this tick left of tokensPerTick, take one step of their own at once. That
+        step touches only the newcomers' adapters (the bank restores the running batch's plan after
+        it), so the tick's other experiments compute exactly what they would have; they finish later
+        by the newcomers' step time. From the next tick on the newcomers are packed with the others.
+        """
+        running = self._running
+        if running is None or not self._joiners.is_set():
+            return
+        self._joiners.clear()
         with self._lock:
-            experiments = list(self._experiments.values())
+            joining = [e for e in self._experiments.values() if e.wants_admission]
+        candidates = self._held + self._apply(joining, running.failed)
+        self._held = []
+        runnable = [e for e in candidates if e.phase == "Running" and e.in_bank]
+        side = TickReport(running.tick, [], running.failed, {}, 0, 0, {})
+        batch, self._budget_left = self._collect_problems(runnable, self._budget_left, side.failed, False)
+        if not batch:
+            return
+        self._running = None  # no join point inside the newcomers' own step
+        try:
+            # grad mode is off in the sampler's decode loop and inside a backward
+            with torch.enable_grad():
+                self._step(batch, side)
+        finally:
+            self._running = running
+        running.stepped.extend(side.stepped)
+        running.joined.extend(side.stepped)
+        running.rewards.update(side.rewards)
+        running.completions.update(side.completions)
+        running.logprobs.update(side.logprobs)
+        running.tokens_sampled += side.tokens_sampled
+        running.tokens_trained += side.tokens_trained
+
+    def _apply(self, experiments: list[Experiment], failed: dict[str, str]) -> list[Experiment]:
+        """Bring the bank in line with these experiments' recorded specs (adds, suspends, resumes,
+        changed fields); returns the ones admitted into the bank now."""
+        admitted: list[Experiment] = []
         for exp in experiments:
+            was_in_bank = exp.in_bank
             try:
                 self._apply_one(exp)
             except Exception as err:
                 log.exception("applying %s failed", exp.key)
                 self._fail(exp, f"could not start: {err}")
+                failed[exp.key] = exp.message
+            if exp.in_bank and not was_in_bank:
+                admitted.append(exp)
         self._update_slot_metrics()
+        return admitted
 
     def _apply_one(self, exp: Experiment) -> None:
         spec = exp.spec
@@ -387,17 +511,15 @@ class Engine:
         exp.in_bank = False
 
     def _collect_problems(
-        self, failed: dict[str, str]
-    ) -> list[tuple[Experiment, list[Problem], list[list[int]]]]:
-        """Prompts of every experiment that steps this tick, least recently stepped first, within budget."""
-        with self._lock:
-            runnable = [e for e in self._experiments.values() if e.phase == "Running" and e.in_bank]
-        runnable.sort(key=lambda e: (e.last_tick, e.key))
-        chosen: list[tuple[Experiment, list[Problem], list[list[int]]]] = []
-        budget = self.config.tokens_per_tick
+        self, runnable: list[Experiment], budget: int, failed: dict[str, str], at_least_one: bool
+    ) -> tuple[list[Planned], int]:
+        """Prompts of the experiments that step, least recently stepped first, within `budget` sampling
+        tokens (the first always steps when at_least_one); returns them and the budget left."""
+        runnable = sorted(runnable, key=lambda e: (e.last_tick, e.key))
+        chosen: list[Planned] = []
         for exp in runnable:
             cost = exp.spec.tokens_per_tick()
-            if chosen and cost > budget:
+            if cost > budget and (chosen or not at_least_one):
                 continue
             try:
                 problems = self._problems_for(exp)
@@ -413,7 +535,7 @@ class Engine:
                 continue
             budget -= cost
             chosen.append((exp, problems, prompts))
-        return chosen
+        return chosen, max(budget, 0)
 
     def _problems_for(self, exp: Experiment) -> list[Problem]:
         """Pushed samples first (in order); a finite experiment fills the rest from its task."""
@@ -426,7 +548,7 @@ class Engine:
             problems.extend(exp.task.problems(exp.step, n)[: n - len(problems)])
         return problems
 
-    def _sample(self, batch: list[tuple[Experiment, list[Problem], list[list[int]]]], report: TickReport):
+    def _sample(self, batch: list[Planned], report: TickReport):
         assert self.sampler is not None
         requests: list[SampleRequest] = []
         for exp, _problems, prompts in batch:

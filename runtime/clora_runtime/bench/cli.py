@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     j = sub.add_parser("join", help="PUT to first trained step on a warm runtime vs a cold start")
     common(j)
+    j.add_argument("--busy", type=int, default=7, help="experiments the warm runtime already trains")
+    j.add_argument("--joins", type=int, default=5, help="newcomers timed, one after another")
 
 
 def _write(result: dict[str, Any], path: Path | None, console: Console) -> None:
@@ -113,11 +115,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         from clora_runtime.bench.join import join
 
-        ((_, _, spec),) = bench_experiments(1, args.steps, templates)
-        with console.status("[bold]join[/]: cold start, then a warm join"):
-            result = join(spec, args.model, args.device)
+        specs = [s for _, _, s in bench_experiments(1 + args.busy, args.steps, templates)]
+        with console.status(f"[bold]join[/]: a cold start, then {args.joins} joins beside {args.busy}"):
+            result = join(specs, args.model, args.device, args.threads, args.joins)
         for k, v in result.items():
-            console.print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+            if k != "joins":
+                console.print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     _write(result, args.json, console)
     if args.json is None:
         print(json.dumps(result, default=str))

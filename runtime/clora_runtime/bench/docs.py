@@ -100,10 +100,24 @@ def join_section(name: str, r: dict[str, Any]) -> list[str]:
     return [
         f"### Join latency on `{r['model']}` ({name})",
         "",
-        f"- Warm: PUT to admitted into the next tick {r['warmPutToAdmittedSeconds']:.2f} s; "
-        f"PUT to first trained step {r['warmPutToFirstStepSeconds']:.2f} s.",
-        f"- Cold: process start to ready {r['coldStartToReadySeconds']:.2f} s; "
-        f"to first trained step {r['coldStartToFirstStepSeconds']:.2f} s.",
+        f"A new experiment PUT {len(r['joins'])} times, at random moments, on a runtime already training"
+        f" {r['busyExperiments']} experiments (one tick of theirs: {r['busyTickSeconds']:.1f} s):",
+        "",
+        f"- PUT to admitted, its first step under way: median {r['warmPutToAdmittedSeconds']:.2f} s,"
+        f" max {r['warmPutToAdmittedMaxSeconds']:.2f} s.",
+        f"- PUT to first trained step: median {r['warmPutToFirstStepSeconds']:.2f} s,"
+        f" max {r['warmPutToFirstStepMaxSeconds']:.2f} s; the step alone, PUT on an idle warm runtime:"
+        f" {r['coldFirstStepAfterPutSeconds']:.2f} s.",
+        f"- Cold: process start to ready {r['coldStartToReadySeconds']:.2f} s;"
+        f" to first trained step {r['coldStartToFirstStepSeconds']:.2f} s.",
+        "",
+        "| random wait before the PUT s | PUT to admitted s | PUT to first step s |",
+        "|---:|---:|---:|",
+        *(
+            f"| {t['delaySeconds']:.2f} | {t['putToAdmittedSeconds']:.2f}"
+            f" | {t['putToFirstStepSeconds']:.2f} |"
+            for t in r["joins"]
+        ),
         "",
     ]
 

@@ -1,16 +1,19 @@
 """`clora bench join`: how soon a new experiment trains on a warm runtime, against a cold start.
 
 Both are timed against a real `clora runtime` server process, through its HTTP API, as the operator
-drives it: warm = PUT on a server that is already up and training another experiment, until the new
-experiment's first step is done; cold = starting the server process, waiting for /readyz, PUT, until the
-first step is done (what a one-experiment job pays every time).
+drives it. Cold: start the server process, wait for /readyz, PUT, until the first step is done (what a
+one-experiment job pays every time). Warm: the server already trains `busy` experiments together; a
+new one is PUT at a random moment of their tick (several times, one after another) and timed until it
+is admitted (its first step under way: the tick's next join point) and until that step is done.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,7 @@ def _free_port() -> int:
 
 @contextmanager
 def runtime_server(
-    model: str, device: str, max_adapters: int, max_rank: int
+    model: str, device: str, max_adapters: int, max_rank: int, threads: int | None = None
 ) -> Iterator[tuple[httpx.Client, float]]:
     """A `clora runtime` process on a free loopback port; yields (client, spawn time)."""
     port, token = _free_port(), secrets.token_hex(16)
@@ -68,6 +71,7 @@ def runtime_server(
                 ckpt,
                 "--log-level",
                 "warning",
+                *(["--threads", str(threads)] if threads else []),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -123,25 +127,68 @@ def _until(client: httpx.Client, name: str, pred: Any, deadline_s: float = 600) 
     raise TimeoutError(f"{name} did not get there in time")
 
 
-def join(spec: LoRAExperimentSpec, model: str, device: str) -> dict[str, Any]:
-    continual = spec.model_copy(deep=True)
-    continual.training.steps = 10_000  # keeps the runtime busy while the newcomer joins
-    first = spec.model_copy(deep=True)
+def _delete(client: httpx.Client, name: str) -> None:
+    client.delete(f"/v1/experiments/bench/{name}", timeout=600).raise_for_status()
+
+
+def join(
+    specs: list[LoRAExperimentSpec],
+    model: str,
+    device: str,
+    threads: int | None = None,
+    joins: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """specs[0] is the newcomer (one step); specs[1:] keep the warm runtime busy meanwhile."""
+    first = specs[0].model_copy(deep=True)
     first.training.steps = 1
-    with runtime_server(model, device, 4, spec.lora.rank) as (client, spawned):
+    busy = [s.model_copy(deep=True) for s in specs[1:]]
+    for s in busy:
+        s.training.steps = 10_000  # trains until the bench ends
+    rank = max(s.lora.rank for s in specs)
+    rng = random.Random(seed)
+    with runtime_server(model, device, len(busy) + 1, rank, threads) as (client, spawned):
         ready = _wait_ready(client)
         put = _put(client, "cold", first)
         cold_step = _until(client, "cold", lambda s: s["step"] >= 1)
-        _put(client, "busy", continual)
-        _until(client, "busy", lambda s: s["step"] >= 1)
-        warm_put = _put(client, "warm", first)
-        admitted = _until(client, "warm", lambda s: s["phase"] != "Pending")
-        warm_step = _until(client, "warm", lambda s: s["step"] >= 1)
+        _delete(client, "cold")
+        for i, spec in enumerate(busy):
+            _put(client, f"busy-{i}", spec)
+        if busy:  # one tick to start them all, then time a steady tick
+            _until(client, "busy-0", lambda s: s["step"] >= 1)
+            step = client.get("/v1/experiments/bench/busy-0").json()["step"]
+            t0 = _until(client, "busy-0", lambda s: s["step"] >= step + 1)
+            tick = _until(client, "busy-0", lambda s: s["step"] >= step + 2) - t0
+        else:
+            tick = cold_step - put
+        timings = []
+        for j in range(joins):
+            delay = rng.uniform(0, tick)  # arrive anywhere in a tick: sampling or training
+            time.sleep(delay)
+            name = f"warm-{j}"
+            at = _put(client, name, first)
+            admitted = _until(client, name, lambda s: s["phase"] != "Pending")
+            stepped = _until(client, name, lambda s: s["step"] >= 1)
+            _delete(client, name)
+            timings.append(
+                {
+                    "delaySeconds": delay,
+                    "putToAdmittedSeconds": admitted - at,
+                    "putToFirstStepSeconds": stepped - at,
+                }
+            )
+    admitted_s = [t["putToAdmittedSeconds"] for t in timings]
+    stepped_s = [t["putToFirstStepSeconds"] for t in timings]
     return {
         "model": model,
+        "busyExperiments": len(busy),
+        "busyTickSeconds": tick,
         "coldStartToReadySeconds": ready - spawned,
         "coldStartToFirstStepSeconds": cold_step - spawned,
         "coldFirstStepAfterPutSeconds": cold_step - put,
-        "warmPutToAdmittedSeconds": admitted - warm_put,
-        "warmPutToFirstStepSeconds": warm_step - warm_put,
+        "joins": timings,
+        "warmPutToAdmittedSeconds": statistics.median(admitted_s),
+        "warmPutToAdmittedMaxSeconds": max(admitted_s),
+        "warmPutToFirstStepSeconds": statistics.median(stepped_s),
+        "warmPutToFirstStepMaxSeconds": max(stepped_s),
     }

