@@ -11,8 +11,8 @@ every adapter and one optimizer step per adapter (train), then samplers are sync
 and checkpoints written (sync). A task, reward or loss failure fails that experiment alone.
 
 An experiment added while a tick runs does not wait for it: at the tick's next join point (any
-decoder layer's forward or backward) it is admitted and takes its first step on its own (see
-`_join_point`); from the next tick on it is packed with the others.
+decoder layer's forward or backward, any chunk of the trainer's LM head) it is admitted and takes its
+first step on its own (see `_join_point`); from the next tick on it is packed with the others.
 """
 
 from __future__ import annotations
@@ -412,6 +412,8 @@ class Engine:
         step touches only the newcomers' adapters (the bank restores the running batch's plan after
         it), so the tick's other experiments compute exactly what they would have; they finish later
         by the newcomers' step time. From the next tick on the newcomers are packed with the others.
+        Memory: the newcomers' sampling fits the tick's budget, and their training adds at most one
+        micro-batch of activations to the one the running batch may hold.
         """
         running = self._running
         if running is None or not self._joiners.is_set():

@@ -113,11 +113,22 @@ class MultiLoRALinear(nn.Module):
             return y
         if len(plan.segments) == 1:
             return y + self._delta(x, active[0][0], plan)
-        # In place, segment by segment, instead of concatenating new parts: no copy of the whole output.
-        # Autograd allows it: the base matmul's backward needs its weight and input, not its output.
-        for slot, start, end in active:
-            y[start:end] += self._delta(x[start:end], slot, plan)
-        return y
+        if not torch.is_grad_enabled():
+            # Sampling: in place, segment by segment, with no copy of the whole output.
+            for slot, start, end in active:
+                y[start:end] += self._delta(x[start:end], slot, plan)
+            return y
+        # Training: split and concatenate. The backward of slicing x per segment would build a
+        # zero-filled gradient of the whole input for every segment and sum them (time growing with
+        # the number of adapters); the backward of split is one concatenation.
+        parts = x.split([end - start for _, start, end in plan.segments])
+        deltas = [
+            self._delta(part, slot, plan)
+            if slot >= 0 and self.slots[slot] is not None
+            else part.new_zeros((*part.shape[:-1], self.out_features))
+            for part, (slot, _, _) in zip(parts, plan.segments, strict=True)
+        ]
+        return y + torch.cat(deltas)
 
     def _delta(self, x: torch.Tensor, slot: int, plan: BatchPlan) -> torch.Tensor:
         w = self.slots[slot]
@@ -128,7 +139,7 @@ class MultiLoRALinear(nn.Module):
             gen = plan.dropout_generators.get(slot)
             keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32) >= w.dropout
             x = x * keep.to(x.dtype) / (1.0 - w.dropout)
-        return (x @ a.T) @ b.T * w.scale
+        return ((x @ a.T) * w.scale) @ b.T  # scaled on the rank side: rank columns, not out_features
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
