@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
         with console.status(f"[bold]join[/]: a cold start, then {args.joins} joins beside {args.busy}"):
             result = join(specs, args.model, args.device, args.threads, args.joins)
         for k, v in result.items():
-            if k != "joins":
+            if not isinstance(v, list | dict):  # the per-arrival list and the machine are in the JSON
                 console.print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     _write(result, args.json, console)
     if args.json is None:

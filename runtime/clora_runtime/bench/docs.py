@@ -100,6 +100,8 @@ def join_section(name: str, r: dict[str, Any]) -> list[str]:
     return [
         f"### Join latency on `{r['model']}` ({name})",
         "",
+        f"Machine: {_machine(r['machine'])}.",
+        "",
         f"A new experiment PUT {len(r['joins'])} times, at random moments, on a runtime already training"
         f" {r['busyExperiments']} experiments (one tick of theirs: {r['busyTickSeconds']:.1f} s):",
         "",

@@ -27,6 +27,7 @@ import httpx
 
 from clora.api import LoRAExperimentSpec
 from clora.constants import TOKEN_ENV
+from clora_runtime.bench.throughput import machine
 
 POLL_S = 0.01
 
@@ -135,8 +136,8 @@ def join(
     specs: list[LoRAExperimentSpec],
     model: str,
     device: str,
-    threads: int | None = None,
-    joins: int = 3,
+    threads: int | None,
+    joins: int,
     seed: int = 0,
 ) -> dict[str, Any]:
     """specs[0] is the newcomer (one step); specs[1:] keep the warm runtime busy meanwhile."""
@@ -181,6 +182,7 @@ def join(
     stepped_s = [t["putToFirstStepSeconds"] for t in timings]
     return {
         "model": model,
+        "machine": machine(),
         "busyExperiments": len(busy),
         "busyTickSeconds": tick,
         "coldStartToReadySeconds": ready - spawned,
