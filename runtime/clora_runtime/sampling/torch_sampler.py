@@ -16,7 +16,7 @@ import torch
 
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
-from clora_runtime.training.trainer import shared_prefixes
+from clora_runtime.training.trainer import shared_prefixes, unique_prompts
 
 VOCAB_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
@@ -66,14 +66,8 @@ class TorchSampler(Sampler):
     def _generate_chunk(self, requests: list[SampleRequest], slots: list[int]) -> list[Completion]:
         model = self.base.model
         device = self.base.device
-        # Unique (slot, prompt) pairs, in order; each row points at its unique prefill row.
-        unique: list[tuple[int, tuple[int, ...]]] = []
-        source: list[int] = []
-        for req, slot in zip(requests, slots, strict=True):
-            key = (slot, tuple(req.prompt_ids))
-            if not unique or unique[-1] != key:
-                unique.append(key)
-            source.append(len(unique) - 1)
+        # each row points at its unique prefill row
+        unique, source = unique_prompts(slots, [r.prompt_ids for r in requests])
         from transformers import DynamicCache
 
         cache = DynamicCache()

@@ -166,6 +166,22 @@ class Trainer:
             total.backward()
 
 
+def unique_prompts(
+    slots: list[int], prompts: list[list[int]]
+) -> tuple[list[tuple[int, tuple[int, ...]]], list[int]]:
+    """The distinct consecutive (slot, prompt) pairs of rows ordered by (slot, prompt), and for each
+    row the index of its pair: a group's prompt is computed once and its cache repeated per row. Used
+    by the trainer and the torch sampler alike."""
+    unique: list[tuple[int, tuple[int, ...]]] = []
+    source: list[int] = []
+    for slot, prompt in zip(slots, prompts, strict=True):
+        key = (slot, tuple(prompt))
+        if not unique or unique[-1] != key:
+            unique.append(key)
+        source.append(len(unique) - 1)
+    return unique, source
+
+
 def shared_prefixes(unique: list[tuple[int, tuple[int, ...]]]) -> dict[int, int] | None:
     """Per slot, the length of the head its unique (slot, prompt) pairs share (each prompt keeps at
     least its last token for the prompt stage), or None when some slot shares none or too little would
@@ -223,13 +239,7 @@ class _Prepared:
 
     @classmethod
     def build(cls, batch: list[TrainRow], slots: list[int], device: torch.device) -> _Prepared:
-        unique: list[tuple[int, tuple[int, ...]]] = []
-        source: list[int] = []
-        for row, slot in zip(batch, slots, strict=True):
-            key = (slot, tuple(row.prompt_ids))
-            if not unique or unique[-1] != key:
-                unique.append(key)
-            source.append(len(unique) - 1)
+        unique, source = unique_prompts(slots, [r.prompt_ids for r in batch])
         prefixes = shared_prefixes(unique)
         prefix_ids = prefix_mask = prefix_source = None
         prefix_slots: list[int] = []
