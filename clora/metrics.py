@@ -2,11 +2,18 @@
 
 The runtime and the operator each build their own set on their own registry; the Grafana dashboard
 (charts/clora/dashboards/) queries exactly these names, and a test checks both directions.
+
+Per-experiment RL statistics (EXPERIMENT_STATS) are named as TRL users know them; each is one gauge
+`clora_experiment_<stat>` (labels namespace, name) holding the value of the experiment's last step,
+the same number as the `stats` object of the runtime's GET /v1/experiments answer and of
+`clora run`'s summary JSON. docs/metrics.md explains each in words.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -24,6 +31,40 @@ RUNTIME_METRICS: dict[str, str] = {
     "clora_free_slots": "Adapter slots still free on this runtime.",
     "clora_checkpoint_duration_seconds": "Time to write one adapter checkpoint.",
 }
+# stat key (camelCase, as in the API's `stats` object) -> (gauge name, help text).
+EXPERIMENT_STATS: dict[str, tuple[str, str]] = {
+    "loss": (
+        "clora_experiment_loss",
+        "Policy loss of an experiment's last step (mean over its updates), the KL term included.",
+    ),
+    "kl": (
+        "clora_experiment_kl",
+        "Mean per-token KL (k3 estimate) of the policy to the base model at the last step;"
+        " only when klCoef > 0.",
+    ),
+    "gradNorm": (
+        "clora_experiment_grad_norm",
+        "Gradient norm of the adapter before clipping at the last step (mean over its updates).",
+    ),
+    "completionLength": (
+        "clora_experiment_completion_length",
+        "Mean completion length in tokens of the last step's samples.",
+    ),
+    "fracRewardZeroStd": (
+        "clora_experiment_frac_reward_zero_std",
+        "Fraction of the last step's groups whose rewards were all equal (no learning signal).",
+    ),
+    "clipFraction": (
+        "clora_experiment_clip_fraction",
+        "Fraction of completion tokens whose probability ratio was clipped at the last step"
+        " (0 with updatesPerBatch 1: the ratio is 1 on the first update).",
+    ),
+    "entropy": (
+        "clora_experiment_entropy",
+        "Mean entropy (nats) of the policy at the last step's sampled tokens, at the sampling temperature.",
+    ),
+}
+RUNTIME_METRICS.update({gauge: text for gauge, text in EXPERIMENT_STATS.values()})
 OPERATOR_METRICS: dict[str, str] = {
     "clora_experiments": "LoRAExperiments by phase (label phase).",
     "clora_admission_wait_seconds": "Time from creating an experiment to its first placement on a pod.",
@@ -48,6 +89,7 @@ class RuntimeMetrics:
     active_adapters: Gauge
     free_slots: Gauge
     checkpoint_duration: Histogram
+    experiment_stats: dict[str, Gauge]  # EXPERIMENT_STATS key -> gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> RuntimeMetrics:
@@ -78,11 +120,25 @@ class RuntimeMetrics:
                 buckets=_SECONDS,
                 registry=r,
             ),
+            experiment_stats={
+                key: Gauge(gauge, text, ["namespace", "name"], registry=r)
+                for key, (gauge, text) in EXPERIMENT_STATS.items()
+            },
         )
+
+    def set_experiment_stats(self, namespace: str, name: str, stats: Mapping[str, float | None]) -> None:
+        """One experiment's RL statistics of its last step; a missing or non-finite value drops its series."""
+        for key, gauge in self.experiment_stats.items():
+            value = stats.get(key)
+            if value is not None and math.isfinite(value):
+                gauge.labels(namespace, name).set(value)
+            else:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(namespace, name)
 
     def forget_experiment(self, namespace: str, name: str) -> None:
         """Drop an experiment's series once it leaves the runtime."""
-        for gauge in (self.experiment_step, self.experiment_reward):
+        for gauge in (self.experiment_step, self.experiment_reward, *self.experiment_stats.values()):
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
 

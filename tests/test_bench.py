@@ -128,4 +128,6 @@ def test_bench_scaling_and_join(tmp_path: Path) -> None:
     for timing in j["joins"]:
         assert 0 < timing["putToAdmittedSeconds"] <= timing["putToFirstStepSeconds"]
     assert j["warmPutToAdmittedSeconds"] <= j["warmPutToAdmittedMaxSeconds"]
+    for timing in j["joins"]:
+        assert 0 < timing["deleteAnswerSeconds"] <= timing["deleteToFinalCheckpointSeconds"]
     assert j["coldStartToReadySeconds"] < j["coldStartToFirstStepSeconds"]

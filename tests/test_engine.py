@@ -34,8 +34,8 @@ def test_contract_lifecycle(tiny_engine: Any, spec_factory: Any) -> None:
     engine = tiny_engine(max_adapters=2, max_rank=8)
     assert engine.ready and engine.free_slots == 2
     state = engine.upsert("ns", "a", spec_factory(checkpoint={"everySteps": 2, "keep": 1}))
-    assert state.phase == "Pending" and state.total_steps == 3
-    assert engine.upsert("ns", "a", spec_factory(checkpoint={"everySteps": 2, "keep": 1})).phase == "Pending"
+    assert state.phase == "Running" and state.total_steps == 3  # admitted at once
+    assert engine.upsert("ns", "a", spec_factory(checkpoint={"everySteps": 2, "keep": 1})).phase == "Running"
     assert engine.free_slots == 1
     with pytest.raises(ExperimentConflict, match=r"spec\.lora"):
         engine.upsert("ns", "a", spec_factory(lora={"rank": 2}))
@@ -70,13 +70,16 @@ def test_contract_lifecycle(tiny_engine: Any, spec_factory: Any) -> None:
 
     metrics = engine.metrics.registry
     assert metrics.get_sample_value("clora_experiment_step", {"namespace": "ns", "name": "a"}) == 3
-    ref = engine.remove("ns", "a")
+    ref = engine.remove("ns", "a").checkpoint
     assert ref is not None and ref.step == 3
     assert engine.free_slots == 1
     assert metrics.get_sample_value("clora_experiment_step", {"namespace": "ns", "name": "a"}) is None
     assert metrics.get_sample_value("clora_tick_duration_seconds_count", {"phase": "train"}) == 3
     with pytest.raises(ExperimentNotFound):
-        engine.remove("ns", "a")
+        engine.state("ns", "a")
+    assert engine.remove("ns", "a").checkpoint == ref  # a repeated DELETE answers the same checkpoint
+    with pytest.raises(ExperimentNotFound):
+        engine.remove("ns", "never")
 
 
 def test_suspend_frees_the_slot_and_resumes_at_the_same_step(tiny_engine: Any, spec_factory: Any) -> None:
@@ -141,8 +144,6 @@ def test_failures_stay_with_their_experiment(
     engine.upsert("ns", "bad-reward", spec_factory(task={"reward": "numeric"}))
     engine.upsert("ns", "nan-loss", spec_factory(task={"reward": "format-and-exact"}))
     engine.upsert("ns", "bad-task", spec_factory(task={"name": "gsm8k", "dataset": {"path": str(data)}}))
-    before = engine.bank.peft_state_dict("ns/good") if "ns/good" in engine.bank.adapters else None
-    assert before is None  # applied at the next tick
     report = engine.tick()
     assert report is not None and report.stepped == ["ns/good"]
     states = {s.name: s for s in engine.states()}
@@ -176,7 +177,11 @@ def test_rows_do_not_depend_on_their_neighbours(tiny_engine: Any, spec_factory: 
             SampleRequest("ns/b", [1, 520, 33, 34, 27], 12, 0.8, 11),
         ]
     )
-    assert packed[1] == alone
+    assert (packed[1].token_ids, packed[1].finished) == (alone.token_ids, alone.finished)
+    # padding beside other rows changes a row's numbers by rounding only
+    torch.testing.assert_close(
+        torch.tensor(packed[1].logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0
+    )
     assert len(alone.token_ids) == 12 and not alone.finished
 
 
@@ -219,8 +224,8 @@ def test_training_logprobs_equal_a_plain_forward_of_each_row(tiny_engine: Any, s
     slots = [engine.bank.adapters[r.key].slot for r in rows]
     prepared = _Prepared.build(rows, slots, torch.device("cpu"))
     with torch.no_grad():
-        got = prepared.token_logprobs(engine.bank, adapters_on=True)
-        base = prepared.token_logprobs(engine.bank, adapters_on=False)
+        got, _ = prepared.token_logprobs(engine.bank, adapters_on=True)
+        base, _ = prepared.token_logprobs(engine.bank, adapters_on=False)
         want, want_base = [], []
         for row, slot in zip(rows, slots, strict=True):
             ids = torch.tensor([row.prompt_ids + row.completion_ids])

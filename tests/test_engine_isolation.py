@@ -21,8 +21,8 @@ STEPS = 3
 
 
 def train(engine: Any, neighbours: dict[str, Any], spec: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train ns/x with neighbours added around it; its first-step log-probs and final weights."""
-    engine.trainer.record_logprobs = True
+    """Train ns/x with neighbours added around it; its first-step completion log-probs (the trainer's,
+    summed per completion) and final weights."""
     names = list(neighbours)
     for name in names[:2]:
         engine.upsert("ns", name, neighbours[name])
@@ -35,7 +35,8 @@ def train(engine: Any, neighbours: dict[str, Any], spec: Any) -> tuple[torch.Ten
     for _ in range(STEPS - 1):
         engine.tick()
     assert engine.state("ns", "x").step == STEPS
-    return first.logprobs["ns/x"], engine.bank.peft_state_dict("ns/x")
+    logprobs = torch.tensor([r.trainer_logprob for r in first.rollouts["ns/x"]], dtype=torch.float64)
+    return logprobs, engine.bank.peft_state_dict("ns/x")
 
 
 def norm(tensors: dict[str, torch.Tensor], keys: list[str]) -> float:

@@ -104,27 +104,30 @@ def test_export_peft_loads_in_peft_with_the_same_logits(tiny_dir: Path, tmp_path
 
 def test_chunked_target_logprobs_match_plain_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     """The trainer's LM-head function (chunked, never holding [tokens, vocab] logits) gives the same
-    values and hidden-state gradients as log_softmax over the full logits, and pauses between chunks."""
+    values, entropies and hidden-state gradients as log_softmax over the full logits divided by each
+    row's temperature."""
     import torch
 
     from clora_runtime.training import trainer
     from clora_runtime.training.trainer import target_logprobs
 
     monkeypatch.setattr(trainer, "HEAD_CHUNK_ELEMENTS", 10 * 1000)  # 10 rows a chunk: 4 chunks
-    pauses: list[int] = []
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 1000, (37,))
     weights = torch.randn(37)
+    temperatures = torch.rand(37) + 0.4
 
-    ours = target_logprobs(hidden, head, targets, pause=lambda: pauses.append(1))
-    assert len(pauses) == 3
+    ours, entropy = target_logprobs(hidden, head, targets, temperatures, with_entropy=True)
     (ours * weights).sum().backward()
     grad_ours = hidden.grad.clone()
     hidden.grad = None
-    plain = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    full = torch.log_softmax(head(hidden) / temperatures[:, None], -1)
+    plain = full.gather(1, targets[:, None]).squeeze(1)
     (plain * weights).sum().backward()
 
     assert torch.allclose(ours, plain, atol=1e-5)
     assert torch.allclose(grad_ours, hidden.grad, atol=1e-5)
+    assert entropy is not None
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1).detach(), atol=1e-5)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from runtime_server import RuntimeServer, running_runtime_server, start_runtime_
 from safetensors.torch import load_file, save_file
 
 from clora.constants import TOKEN_ENV, TOKEN_FILE_ENV
-from clora.metrics import RUNTIME_METRICS
+from clora.metrics import EXPERIMENT_STATS, RUNTIME_METRICS
 
 MAX_ADAPTERS = 6
 MAX_RANK = 8
@@ -82,6 +83,17 @@ def put(api: httpx.Client, ns: str, name: str, body_spec: dict[str, Any], **extr
     return api.put(f"/v1/experiments/{ns}/{name}", json={"spec": body_spec, **extra})
 
 
+def delete(api: httpx.Client, ns: str, name: str) -> httpx.Response:
+    """DELETE, repeated while it answers 202 (Removing: the running tick holds the experiment) until
+    it answers 200 with the final checkpoint."""
+    r = api.delete(f"/v1/experiments/{ns}/{name}")
+    while r.status_code == 202:
+        assert r.json()["removed"] is False
+        time.sleep(0.05)
+        r = api.delete(f"/v1/experiments/{ns}/{name}")
+    return r
+
+
 def metrics(api: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """(sample name, sorted labels) -> value, from the server's /metrics."""
     r = api.get("/metrics")
@@ -118,7 +130,7 @@ def test_lifecycle(api: httpx.Client) -> None:
     wait_steps(api, ns, "b", changed_at + 2)
 
     # DELETE answers the checkpoint it wrote; the experiment is gone.
-    r = api.delete(f"/v1/experiments/{ns}/a")
+    r = delete(api, ns, "a")
     assert r.status_code == 200, r.text
     checkpoint = r.json()["checkpoint"]
     assert checkpoint["step"] >= 2
@@ -127,7 +139,7 @@ def test_lifecycle(api: httpx.Client) -> None:
     assert "a" not in listed(api, ns)
 
     # The learning-rate change reached the optimizer: b's checkpoint has the new lr.
-    r = api.delete(f"/v1/experiments/{ns}/b")
+    r = delete(api, ns, "b")
     assert r.status_code == 200, r.text
     optimizer = torch.load(Path(r.json()["checkpoint"]["path"]) / "optimizer.pt", weights_only=True)
     assert {g["lr"] for g in optimizer["param_groups"]} == {2.5e-4}
@@ -140,7 +152,7 @@ def test_lifecycle(api: httpx.Client) -> None:
     assert resumed["reward"]["mean"] is not None  # its reward history came back too
     wait_steps(api, ns, "a", checkpoint["step"] + 1)
     for name in ("a", "c"):
-        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+        assert delete(api, ns, name).status_code == 200
 
 
 def test_auth(server: RuntimeServer) -> None:
@@ -220,7 +232,7 @@ def test_other_422(api: httpx.Client) -> None:
     assert r.status_code == 422 and r.json()["detail"] == "samples: must have at least 1 items"
     r = api.post("/v1/experiments/bad/s/samples", json={"samples": [{"prompt": ""}]})
     assert r.status_code == 422 and r.json()["detail"].startswith("samples[0].prompt:")
-    assert api.delete("/v1/experiments/bad/s").status_code == 200
+    assert delete(api, "bad", "s").status_code == 200
 
 
 def test_conflicts(api: httpx.Client) -> None:
@@ -244,15 +256,15 @@ def test_conflicts(api: httpx.Client) -> None:
     r = put(api, ns, "one-too-many", spec())
     assert r.status_code == 409 and "slots" in r.json()["detail"]
     for name in ["x", *fillers]:
-        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+        assert delete(api, ns, name).status_code == 200
     assert put(api, ns, "one-too-many", spec()).status_code == 200  # room again
-    assert api.delete(f"/v1/experiments/{ns}/one-too-many").status_code == 200
+    assert delete(api, ns, "one-too-many").status_code == 200
 
 
 def test_metrics(api: httpx.Client) -> None:
     ns = "metrics"
     assert put(api, ns, "m1", spec()).status_code == 200
-    assert put(api, ns, "m2", spec()).status_code == 200
+    assert put(api, ns, "m2", spec(klCoef=0.05)).status_code == 200  # kl is reported with klCoef > 0
     wait_steps(api, ns, "m1", 2)
     wait_steps(api, ns, "m2", 2)
     m = metrics(api)
@@ -271,19 +283,29 @@ def test_metrics(api: httpx.Client) -> None:
     assert m[("clora_active_adapters", ())] == held
     assert m[("clora_tokens_sampled_total", ())] > 0
     assert m[("clora_tokens_trained_total", ())] > 0
+    # The RL statistics: in GET's `stats` and as clora_experiment_* gauges (RL-core issue, item 10).
+    for name in ("m1", "m2"):
+        stats = state(api, ns, name)["stats"]
+        assert set(stats) == set(EXPERIMENT_STATS)
+        assert stats["completionLength"] > 0 and stats["gradNorm"] >= 0 and stats["entropy"] > 0
+        assert 0 <= stats["fracRewardZeroStd"] <= 1 and stats["clipFraction"] == 0  # one update: ratio 1
+        for key, (gauge, _) in EXPERIMENT_STATS.items():
+            assert (m.get((gauge, labels(name))) is not None) == (stats[key] is not None), (name, key)
+    assert state(api, ns, "m1")["stats"]["kl"] is None and state(api, ns, "m2")["stats"]["kl"] >= 0
     for phase in ("sample", "reward", "train", "sync"):
         assert m[("clora_tick_duration_seconds_count", (("phase", phase),))] >= 2
         assert m[("clora_tick_duration_seconds_sum", (("phase", phase),))] >= 0
 
-    r = api.delete(f"/v1/experiments/{ns}/m1")
+    r = delete(api, ns, "m1")
     assert r.status_code == 200
     m = metrics(api)
     assert ("clora_experiment_step", labels("m1")) not in m
     assert ("clora_experiment_reward", labels("m1")) not in m
+    assert not any(labels("m1") == key[1] for key in m)  # every per-experiment series went with it
     assert ("clora_experiment_step", labels("m2")) in m
     assert m[("clora_checkpoint_duration_seconds_count", ())] >= 1
     assert m[("clora_free_slots", ())] == MAX_ADAPTERS - held + 1
-    assert api.delete(f"/v1/experiments/{ns}/m2").status_code == 200
+    assert delete(api, ns, "m2").status_code == 200
 
 
 def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
@@ -303,7 +325,7 @@ def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
     # A non-finite loss: resumed from a checkpoint whose adapter weights are NaN.
     assert put(api, ns, "donor", spec()).status_code == 200
     wait_steps(api, ns, "donor", 1)
-    donor = Path(api.delete(f"/v1/experiments/{ns}/donor").json()["checkpoint"]["path"])
+    donor = Path(delete(api, ns, "donor").json()["checkpoint"]["path"])
     poisoned = tmp_path / "poisoned"
     shutil.copytree(donor, poisoned)
     weights = load_file(poisoned / "adapter_model.safetensors")
@@ -328,7 +350,7 @@ def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
     assert state(api, ns, "neighbour")["phase"] == "Running"
     assert httpx.get(f"{api.base_url}/readyz").status_code == 200
     for name in ("neighbour", "bad-task", "nan-loss"):
-        assert api.delete(f"/v1/experiments/{ns}/{name}").status_code == 200
+        assert delete(api, ns, name).status_code == 200
 
 
 def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:

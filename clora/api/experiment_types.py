@@ -128,7 +128,8 @@ class Training(SpecModel):
     """The RL (GRPO-style policy gradient) hyper-parameters."""
 
     steps: int | None = Field(None, ge=1)
-    """Optimizer steps to train; omit for a continual experiment that runs until deleted."""
+    """RL steps to train (one sampled batch each, trained with updatesPerBatch optimizer updates);
+    omit for a continual experiment that runs until deleted."""
     learning_rate: float = Field(5.0e-5, gt=0)
     """AdamW learning rate of this adapter."""
     prompts_per_step: int = Field(8, ge=1)
@@ -138,17 +139,33 @@ class Training(SpecModel):
     max_new_tokens: int = Field(256, ge=1, le=32768)
     """The longest completion, in tokens."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature."""
+    """Sampling temperature. The trainer takes every log-probability (policy, ratio, KL reference)
+    from logits divided by it, so the gradient is that of the policy that sampled."""
     loss_type: LossType = "dr_grpo"
-    """grpo: per-sequence token mean, advantages divided by the group std (DeepSeekMath);
-    dr_grpo: no std division, normalised by a constant token count (Dr. GRPO, Liu et al. 2025);
-    dapo: token-level mean over the whole batch (DAPO, Yu et al. 2025)."""
+    """The policy loss, per token -min(ratio A, clip(ratio) A) (+ klCoef KL), normalised per type:
+    grpo (DeepSeekMath, Shao et al. 2024, arXiv:2402.03300): A = (r - mean) / (std + 1e-4) within the
+    group; each sequence's token losses averaged over its length, then over the sequences.
+    dr_grpo (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783): A = r - mean (no std division); token losses
+    summed and divided by sequences x maxNewTokens, removing GRPO's length and difficulty biases.
+    dapo (DAPO, Yu et al. 2025, arXiv:2503.14476): A = (r - mean) / (std + 1e-4); token losses summed
+    and divided by the step's completion tokens (token-level mean); pair with clipEpsilonHigh."""
+    updates_per_batch: int = Field(1, ge=1, le=64)
+    """Optimizer updates over one sampled batch (PPO epochs; TRL's num_iterations). The ratio's old
+    log-probabilities are the sampling policy's, so the ratio is 1 on the first update and clipping
+    acts from the second on."""
     clip_epsilon: float = Field(0.2, ge=0)
-    """PPO-style clipping of the probability ratio."""
+    """Lower clip of the probability ratio: ratios below 1 - clipEpsilon stop pushing down."""
+    clip_epsilon_high: float | None = Field(None, ge=0)
+    """Upper clip of the ratio, 1 + clipEpsilonHigh (DAPO's clip-higher, e.g. 0.28); unset: clipEpsilon."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the base model (the model with the adapter off)."""
     seed: int = Field(0, ge=0)
     """Seeds the adapter's initialisation, the task's problems and the sampling."""
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip: clipEpsilonHigh, or clipEpsilon when unset."""
+        return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
 
 
 class CheckpointPolicy(SpecModel):

@@ -15,7 +15,9 @@ from clora.api.base import SpecModel, StatusModel
 from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec, Reward
 
 # What the runtime says of one experiment. Suspended: checkpointed and not stepping, slot not counted.
-RuntimePhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+# Removing: a DELETE arrived while the experiment was in a running tick; its final checkpoint is written
+# at the tick's end, after which it is gone and a DELETE answers 200 with that checkpoint.
+RuntimePhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Removing"]
 
 
 class PutExperimentRequest(SpecModel):
@@ -52,6 +54,26 @@ class PushSamplesResponse(StatusModel):
     """How many prompts now wait in the queue."""
 
 
+class StepStats(StatusModel):
+    """RL statistics of an experiment's last step, named as TRL logs them (clora/metrics.py documents
+    each; null until the first step, kl null when klCoef is 0)."""
+
+    loss: float | None = None
+    """Policy loss (mean over the step's updates), the KL term included."""
+    kl: float | None = None
+    """Mean per-token KL (k3) of the policy to the base model; only when klCoef > 0."""
+    grad_norm: float | None = None
+    """Adapter gradient norm before clipping (mean over the step's updates)."""
+    completion_length: float | None = None
+    """Mean completion length in tokens."""
+    frac_reward_zero_std: float | None = None
+    """Fraction of groups whose rewards were all equal."""
+    clip_fraction: float | None = None
+    """Fraction of completion tokens whose probability ratio was clipped (mean over updates)."""
+    entropy: float | None = None
+    """Mean policy entropy (nats) at the sampled tokens, at the sampling temperature."""
+
+
 class ExperimentState(StatusModel):
     """One experiment as the runtime sees it: what the operator polls."""
 
@@ -64,21 +86,70 @@ class ExperimentState(StatusModel):
     last_checkpoint: CheckpointRef | None = None
     started_at: datetime | None = None
     message: str = ""
+    stats: StepStats = Field(default_factory=StepStats)
+    """RL statistics of the last step."""
+
+
+class RemovedExperiment(StatusModel):
+    """An experiment that left the runtime, with its final checkpoint."""
+
+    namespace: str
+    name: str
+    checkpoint: CheckpointRef | None = None
+    """The final checkpoint (null when it had not stepped, or failed)."""
 
 
 class ExperimentList(StatusModel):
     """Answer to GET /v1/experiments."""
 
     experiments: list[ExperimentState] = Field(default_factory=list)
+    removed: list[RemovedExperiment] = Field(default_factory=list)
+    """Experiments removed recently (newest last, bounded), with their final checkpoints: how a
+    client that got 202 from DELETE, or lost its answer, learns the checkpoint path."""
 
 
 class DeleteExperimentResponse(StatusModel):
-    """Answer to DELETE /v1/experiments/{namespace}/{name}."""
+    """Answer to DELETE /v1/experiments/{namespace}/{name}: 200 when removed (repeated DELETEs of a
+    removed experiment answer the same), 202 while its final checkpoint waits for the running tick."""
 
     namespace: str
     name: str
+    removed: bool = True
+    """true: the slot is free and `checkpoint` is final; false (HTTP 202): phase Removing, the final
+    checkpoint is written when the running tick ends: DELETE again (or read `removed` of GET
+    /v1/experiments) to learn it."""
     checkpoint: CheckpointRef | None = None
-    """The checkpoint written on removal (null when the experiment had not stepped yet)."""
+    """The final checkpoint (null when the experiment had not stepped yet, or until removed)."""
+
+
+class Rollout(StatusModel):
+    """One sampled completion of one step, as it was trained on."""
+
+    namespace: str
+    name: str
+    step: int
+    """The step it was sampled for (0 is the first)."""
+    prompt: str
+    """The prompt as the model saw it (chat template applied)."""
+    completion: str
+    """The completion text (special tokens dropped)."""
+    tokens: int
+    """Completion length in tokens."""
+    reward: float
+    advantage: float
+    sampler_logprob: float | None = None
+    """Sum of the sampler's log-probabilities of the completion's tokens, at the sampling temperature."""
+    trainer_logprob: float | None = None
+    """Sum of the trainer's log-probabilities of the same tokens at the first update (same weights as
+    the sampler's, at the sampling temperature): equal to samplerLogprob up to rounding."""
+
+
+class RolloutList(StatusModel):
+    """Answer to GET /v1/experiments/{namespace}/{name}/rollouts."""
+
+    rollouts: list[Rollout] = Field(default_factory=list)
+    steps: list[int] = Field(default_factory=list)
+    """The steps the runtime still keeps for this experiment (the last few), oldest first."""
 
 
 class ErrorResponse(StatusModel):

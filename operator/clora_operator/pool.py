@@ -246,6 +246,7 @@ async def _drop_lost(
             and view.answer is not None
             and view.answered_at > placement.since
             and key not in view.answer
+            and key not in view.removed  # removed on our DELETE: _clean_up learns its checkpoint
         )
         if why is None and restarted:
             why = "no longer has it (the runtime restarted)"
@@ -272,6 +273,8 @@ async def _delete_from_pod(
         return False, None
     except RuntimeRejected:
         return True, None
+    if rsp is not None and not rsp.removed:
+        return False, None  # 202: its final checkpoint is written when the runtime's tick ends; ask again
     if rsp is None or rsp.checkpoint is None:
         return True, None
     return True, rsp.checkpoint.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -556,6 +559,7 @@ async def poll_pod(
     was_new = view.answer is None
     view.failures = 0
     view.answer = {f"{s.namespace}/{s.name}": s for s in answer.experiments}
+    view.removed = frozenset(f"{r.namespace}/{r.name}" for r in answer.removed)
     view.answered_at = asked
     by_key = {r.key: r for r in records}
     finished = []
@@ -575,6 +579,8 @@ async def _mirror(
     state: OperatorState, pool: Pool, record: ExperimentRecord, s: ExperimentState, info: PodInfo
 ) -> bool:
     """Writes what the runtime says of one experiment; True when it has finished."""
+    if s.phase == "Removing":
+        return False  # leaving on the operator's DELETE; the status keeps what it says until then
     before = pool.status_of(record).get("phase")
     obs = observe_runtime(s, info.name, info.node)
     if obs.phase == "Suspended":

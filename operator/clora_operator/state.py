@@ -103,6 +103,8 @@ class PodView:
     """time.monotonic() of the last good answer."""
     failures: int = 0
     """Polls in a row that got no answer."""
+    removed: frozenset[str] = frozenset()
+    """Experiments the runtime lists as removed (a DELETE finished after answering 202)."""
 
 
 @dataclass(slots=True)

@@ -53,6 +53,7 @@ RUNTIME_TO_PHASE = {
     "Suspended": "Suspended",
     "Succeeded": "Succeeded",
     "Failed": "Failed",
+    "Removing": "Running",  # not mirrored (pool._mirror skips it); here so every runtime phase maps
 }
 
 

@@ -56,4 +56,11 @@ class EngineConfig(BaseModel):
     max_batch_rows: int = Field(
         512, ge=1, description="Upper bound on completions generated together in one sampling batch."
     )
+    rollout_steps: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Steps of rollouts (prompts, completions, rewards, log-probs) kept per experiment for"
+        " GET .../rollouts; older steps are dropped, so memory stays bounded.",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")

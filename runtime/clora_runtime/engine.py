@@ -1,18 +1,29 @@
 """The warm multi-LoRA engine: one frozen base model, many experiments (adapters) trained together.
 
-Threads: HTTP routes call upsert / remove / push_samples / states from any thread; one loop thread
-calls tick(). Routes only record the desired state under `_lock`; tick() applies it at the start of a
-tick (under `_tick_lock`), so the model and the adapter bank are only ever touched by the tick thread,
-or by remove() / checkpoint_all() after they have waited for the running tick to end.
+Threads. HTTP routes call upsert / remove / push_samples / states from any thread; one loop thread
+calls tick(). `_lock` guards the experiment records and is only ever held for bookkeeping (and for
+an admission's slot allocation): never across a tick's computation, so no route waits for a tick.
 
-One tick: every active experiment contributes promptsPerStep x groupSize rows to one sampling batch
-(phase sample), completions are scored (reward), one micro-batched forward/backward over the rows of
-every adapter and one optimizer step per adapter (train), then samplers are synced, states updated
-and checkpoints written (sync). A task, reward or loss failure fails that experiment alone.
+- Admission (PUT) happens in the route's thread: a free slot of the bank gets the new adapter (and
+  its checkpoint, when resuming) at once. No running computation reads that slot: a tick only reads
+  the slots of the experiments in its snapshot.
+- Removal (DELETE) of an experiment the running tick does not hold happens in the route's thread too.
+  One the running tick holds is marked Removing and finished by the tick thread at the tick's end
+  (final checkpoint, slot freed); DELETE answers 202 meanwhile and the checkpoint is kept in a
+  bounded list of removed experiments (GET /v1/experiments `removed`, and a later DELETE).
+- The sampler's own adapter copies (vLLM) are only touched on the tick thread, between ticks.
 
-An experiment added while a tick runs does not wait for it: at the tick's next join point (any
-decoder layer's forward or backward, any chunk of the trainer's LM head) it is admitted and takes its
-first step on its own (see `_join_point`); from the next tick on it is packed with the others.
+One tick works on a snapshot taken at its start (StepPlan: the applied spec, the slot, the problems):
+a PUT that changes the spec meanwhile is applied from the next tick on. Every active experiment
+contributes promptsPerStep x groupSize rows to one sampling batch (phase sample), completions are
+scored (reward), one micro-batched forward/backward over the rows of every adapter and updatesPerBatch
+optimizer updates per adapter (train), then samplers are synced, states updated and checkpoints
+written (sync). New experiments are packed into the next tick; nothing runs inside another batch's
+computation.
+
+Failures stay with their experiment: a task, reward, sampling or training error (an out-of-memory
+included) that one experiment's rows cause fails that experiment alone and the tick goes on. An error
+the base model itself raises (the probe after every experiment failed alone) escapes the tick.
 """
 
 from __future__ import annotations
@@ -23,8 +34,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,20 +43,29 @@ from pathlib import Path
 import torch
 
 from clora.api import CheckpointRef, LoRAExperimentSpec, Reward
-from clora.api.runtime_api import ExperimentState, Sample
+from clora.api.runtime_api import (
+    DeleteExperimentResponse,
+    ExperimentState,
+    RemovedExperiment,
+    Rollout,
+    RolloutList,
+    Sample,
+    StepStats,
+)
 from clora.metrics import RuntimeMetrics
 from clora_runtime import checkpoint
 from clora_runtime.config import EngineConfig
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
 from clora_runtime.sampling import sampler_class
-from clora_runtime.sampling.base import Sampler, SampleRequest
+from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward
-from clora_runtime.training.grpo import group_advantages, sequence_weights
-from clora_runtime.training.trainer import AdapterHyper, Trainer, TrainRow
+from clora_runtime.training.grpo import frac_zero_std, group_advantages, sequence_weights
+from clora_runtime.training.trainer import AdapterHyper, StepResult, Trainer, TrainRow, free_memory
 
 log = logging.getLogger(__name__)
 
 REWARD_WINDOW = 10
+REMOVED_KEPT = 256  # removed experiments whose final checkpoint the engine still answers
 
 
 class ExperimentConflict(Exception):
@@ -70,15 +90,14 @@ class TickReport:
     """What one tick did."""
 
     tick: int
-    stepped: list[str]  # keys of experiments that took an optimizer step
+    stepped: list[str]  # keys of experiments that took a step
     failed: dict[str, str]  # key -> message, experiments that failed in this tick
     rewards: dict[str, float]  # key -> mean reward of this step
     tokens_sampled: int
     tokens_trained: int
     seconds: dict[str, float]  # phase -> seconds (sample, reward, train, sync)
     completions: dict[str, list[list[int]]] = field(default_factory=dict)  # key -> completion token ids
-    logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> token log-probs (if recorded)
-    joined: list[str] = field(default_factory=list)  # keys that took their step alone, at a join point
+    rollouts: dict[str, list[Rollout]] = field(default_factory=dict)  # key -> this step's rollouts
 
     @property
     def duration(self) -> float:
@@ -87,7 +106,8 @@ class TickReport:
 
 @dataclass
 class Experiment:
-    """The engine's record of one experiment."""
+    """The engine's record of one experiment. `spec` is the desired spec (the last PUT); a tick
+    works on the copy its StepPlan took."""
 
     namespace: str
     name: str
@@ -99,14 +119,20 @@ class Experiment:
     step_seconds: list[float] = field(default_factory=list)  # tick duration of each of its steps
     last_checkpoint: CheckpointRef | None = None
     started_at: datetime | None = None
-    resume_from: str | None = None
+    resume_from: str | None = None  # where a suspended-before-start experiment will resume from
     in_bank: bool = False
+    announced: bool = False  # the sampler was told of the adapter (tick thread)
+    busy: bool = False  # in the running tick's snapshot
+    removing: bool = False  # DELETE arrived; finished at the end of the tick that holds it
+    finishing: bool = False  # one thread has claimed the removal
     queue: list[Sample] = field(default_factory=list)
     queue_consumed: int = 0
     task: Task | None = None
     task_spec_json: str = ""
     reward_fn: RewardFn | None = None
     last_tick: int = -1
+    stats: StepStats = field(default_factory=StepStats)
+    rollouts: deque[tuple[int, list[Rollout]]] = field(default_factory=deque)
 
     @property
     def key(self) -> str:
@@ -118,11 +144,6 @@ class Experiment:
         # adapter can still be read and exported.
         return self.phase != "Suspended" and not (self.phase == "Pending" and self.spec.suspend)
 
-    @property
-    def wants_admission(self) -> bool:
-        """Recorded, meant to run, but not in the bank yet (new, or resumed after a suspend)."""
-        return not self.in_bank and self.phase != "Failed" and not self.spec.suspend
-
     def reward_summary(self) -> Reward:
         if not self.rewards:
             return Reward()
@@ -133,18 +154,58 @@ class Experiment:
         return ExperimentState(
             namespace=self.namespace,
             name=self.name,
-            phase=self.phase,  # type: ignore[arg-type]
+            phase="Removing" if self.removing else self.phase,  # type: ignore[arg-type]
             step=self.step,
             total_steps=self.spec.training.steps,
             reward=self.reward_summary(),
             last_checkpoint=self.last_checkpoint,
             started_at=self.started_at,
             message=self.message,
+            stats=self.stats,
         )
 
 
-Planned = tuple[Experiment, list[Problem], list[list[int]]]
-"""An experiment that steps, its problems for this step and their prompts' token ids."""
+@dataclass
+class StepPlan:
+    """One experiment's step as the tick planned it at its start: the tick reads nothing else of the
+    experiment's record, so a PUT meanwhile cannot change what this step computes."""
+
+    exp: Experiment
+    spec: LoRAExperimentSpec  # the applied spec
+    step: int
+    slot: int
+    reward_fn: RewardFn
+    problems: list[Problem]
+    prompts: list[list[int]]  # token ids of each problem's prompt
+    queue_taken: int  # pushed samples among the problems (consumed when the step completes)
+
+    @property
+    def key(self) -> str:
+        return self.exp.key
+
+    def requests(self) -> list[SampleRequest]:
+        t = self.spec.training
+        return [
+            SampleRequest(
+                adapter_key=self.key,
+                prompt_ids=prompt,
+                max_new_tokens=t.max_new_tokens,
+                temperature=t.temperature,
+                seed=derive_seed("sample", t.seed, self.step, p, g),
+            )
+            for p, prompt in enumerate(self.prompts)
+            for g in range(t.group_size)
+        ]
+
+
+@dataclass
+class Scored:
+    """A plan's completions with their texts and rewards [prompts][group]."""
+
+    plan: StepPlan
+    completions: list[Completion]
+    texts: list[str]
+    rewards: list[list[float]]
 
 
 class Engine:
@@ -157,13 +218,14 @@ class Engine:
         self.sampler: Sampler | None = None
         self.trainer: Trainer | None = None
         self._experiments: dict[str, Experiment] = {}
-        self._lock = threading.RLock()  # guards _experiments and their desired state
-        self._tick_lock = threading.RLock()  # held for a whole tick; remove() waits on it
+        self._removed: OrderedDict[str, RemovedExperiment] = OrderedDict()
+        self._retired: list[str] = []  # adapters removed from the bank, still known to the sampler
+        self._lock = threading.RLock()  # guards the records above; never held across a tick's work
+        self._tick_lock = threading.Lock()  # one tick (or a shutdown checkpoint) at a time
         self._ticks = 0
-        self._joiners = threading.Event()  # set when an experiment that needs admitting is recorded
-        self._running: TickReport | None = None  # the tick in progress, which newcomers may join
-        self._held: list[Experiment] = []  # admitted at the tick's start, to step at its first join point
-        self._budget_left = 0  # sampling tokens the running tick leaves for newcomers
+        # Tests: called with (phase, adapter keys) before each sampling call and training micro-batch;
+        # raising there stands for a fault of those adapters' rows (e.g. torch.OutOfMemoryError).
+        self.fault_hook: Callable[[str, list[str]], None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -180,6 +242,7 @@ class Engine:
         self.base = base
         self.bank = bank
         self.trainer = Trainer(bank, self.config.micro_batch_tokens)
+        self.trainer.fault_hook = lambda keys: self._fault("train", keys)
         self.sampler = sampler_class(self.config.sampler)(base, bank, self.config)  # type: ignore[call-arg]
         self.ready = True
         self._update_slot_metrics()
@@ -190,34 +253,18 @@ class Engine:
             used = sum(1 for e in self._experiments.values() if e.holds_slot)
         return self.config.max_adapters - used
 
-    # ---- thread-safe desired state ------------------------------------------------------------------
+    # ---- thread-safe API ----------------------------------------------------------------------------
 
     def upsert(
         self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
     ) -> ExperimentState:
-        """Add an experiment or update its mutable fields; applied at the next tick."""
+        """Add an experiment (admitted into a slot now) or update its mutable fields (applied from the
+        next tick on). Never waits for a running tick."""
         key = f"{namespace}/{name}"
         with self._lock:
             current = self._experiments.get(key)
             if current is not None:
-                if current.spec == spec:
-                    return current.to_state()
-                if current.spec.lora != spec.lora:
-                    raise ExperimentConflict(
-                        f"{key}: spec.lora is immutable (delete and re-create to change it)"
-                    )
-                if current.spec.runtime != spec.runtime:
-                    raise ExperimentConflict(f"{key}: spec.runtime is immutable")
-                if current.spec.task != spec.task:
-                    build_task(spec.task, spec.training.seed)  # validate now; rebuilt at the next tick
-                    get_reward(spec.task.reward)
-                resumes = current.phase == "Suspended" and not spec.suspend
-                if resumes and self.free_slots <= 0:
-                    raise ExperimentConflict(f"{key}: no free adapter slot to resume into")
-                current.spec = spec
-                if resumes:
-                    self._joiners.set()
-                return current.to_state()
+                return self._update(current, spec)
             self._validate_new(key, spec)
             if resume_from is not None:
                 # Refused now (HTTP 422) rather than failing the experiment at its first tick.
@@ -226,16 +273,39 @@ class Engine:
                 raise ExperimentConflict(
                     f"{key}: all {self.config.max_adapters} adapter slots of this runtime are taken"
                 )
-            exp = Experiment(namespace=namespace, name=name, spec=spec, resume_from=resume_from)
+            exp = Experiment(namespace=namespace, name=name, spec=spec)
             exp.queue, exp.queue_consumed = self._read_queue(exp)
-            if spec.suspend:
-                exp.phase = "Suspended"
-                exp.message = "suspended before it started"
+            self._removed.pop(key, None)
             self._experiments[key] = exp
-            if not spec.suspend:
-                self._joiners.set()
+            if spec.suspend:
+                exp.phase, exp.message = "Suspended", "suspended before it started"
+                exp.resume_from = resume_from
+            else:
+                self._admit(exp, resume_from)
             self._update_slot_metrics()
             return exp.to_state()
+
+    def _update(self, exp: Experiment, spec: LoRAExperimentSpec) -> ExperimentState:
+        """A PUT of an experiment the engine has (holds _lock)."""
+        key = exp.key
+        if exp.spec == spec:
+            return exp.to_state()
+        if exp.removing:
+            raise ExperimentConflict(f"{key}: being removed; PUT again once DELETE has answered 200")
+        if exp.spec.lora != spec.lora:
+            raise ExperimentConflict(f"{key}: spec.lora is immutable (delete and re-create to change it)")
+        if exp.spec.runtime != spec.runtime:
+            raise ExperimentConflict(f"{key}: spec.runtime is immutable")
+        if exp.spec.task != spec.task or exp.spec.training != spec.training:
+            self._validate_task(key, spec)
+        resumes = exp.phase == "Suspended" and not spec.suspend
+        if resumes and self.free_slots <= 0:
+            raise ExperimentConflict(f"{key}: no free adapter slot to resume into")
+        exp.spec = spec
+        if resumes:
+            self._admit(exp, exp.last_checkpoint.path if exp.last_checkpoint else exp.resume_from)
+            self._update_slot_metrics()
+        return exp.to_state()
 
     def _validate_new(self, key: str, spec: LoRAExperimentSpec) -> None:
         if spec.lora.rank > self.config.max_rank:
@@ -245,36 +315,58 @@ class Engine:
             )
         if self.bank is not None:
             self.bank.resolve_targets(spec.lora.target_modules)
-        build_task(spec.task, spec.training.seed)
-        get_reward(spec.task.reward)
+        self._validate_task(key, spec)
 
-    def remove(self, namespace: str, name: str) -> CheckpointRef | None:
-        """Wait for the running tick, checkpoint the adapter, free its slot."""
+    def _validate_task(self, key: str, spec: LoRAExperimentSpec) -> None:
+        """The task and reward build; one row (the longest first-step prompt + maxNewTokens) fits the
+        training micro-batch budget, so that the experiment cannot fail on it later."""
+        task = build_task(spec.task, spec.training.seed)
+        get_reward(spec.task.reward)
+        if self.base is None:
+            return
+        try:
+            problems = task.problems(0, spec.training.prompts_per_step) if spec.training.steps else []
+        except Exception:  # the task fails at its first step, with its own message
+            log.exception("%s: the task's first problems cannot be read", key)
+            problems = []
+        longest = max(
+            (len(chat_prompt(self.base.tokenizer, p.prompt, spec.task.system_prompt)) for p in problems),
+            default=0,
+        )
+        row = longest + spec.training.max_new_tokens
+        if row > self.config.micro_batch_tokens:
+            raise ExperimentConflict(
+                f"{key}: one row (a prompt of {longest} tokens + spec.training.maxNewTokens"
+                f" {spec.training.max_new_tokens}) is {row} tokens, above this runtime's micro-batch"
+                f" budget of {self.config.micro_batch_tokens}"
+            )
+
+    def remove(self, namespace: str, name: str) -> DeleteExperimentResponse:
+        """Checkpoint the adapter and free its slot, now when no running tick holds it; else mark it
+        Removing (answered at once, removed=False) for the tick thread to finish at the tick's end.
+        Repeated calls for a removed experiment answer its final checkpoint again."""
         key = f"{namespace}/{name}"
-        with self._tick_lock:
-            with self._lock:
-                exp = self._experiments.get(key)
-                if exp is None:
+        with self._lock:
+            exp = self._experiments.get(key)
+            if exp is None:
+                gone = self._removed.get(key)
+                if gone is None:
                     raise ExperimentNotFound(f"experiment {key} not found")
-            ref = exp.last_checkpoint
-            if exp.in_bank and exp.phase != "Failed" and exp.step > 0:
-                ref = self._checkpoint(exp)
-            if exp.in_bank:
-                self._evict(exp)
-            with self._lock:
-                del self._experiments[key]
-            if self.metrics is not None:
-                self.metrics.forget_experiment(namespace, name)
-            self._update_slot_metrics()
-            return ref
+                return DeleteExperimentResponse(namespace=namespace, name=name, checkpoint=gone.checkpoint)
+            exp.removing = True
+            if exp.busy or exp.finishing:
+                return DeleteExperimentResponse(
+                    namespace=namespace, name=name, removed=False, checkpoint=exp.last_checkpoint
+                )
+            exp.finishing = True
+        gone = self._finish_removal(exp)
+        return DeleteExperimentResponse(namespace=namespace, name=name, checkpoint=gone.checkpoint)
 
     def push_samples(self, namespace: str, name: str, samples: list[Sample]) -> int:
         """Append prompts to the experiment's queue (and its file); returns how many wait."""
         key = f"{namespace}/{name}"
         with self._lock:
-            exp = self._experiments.get(key)
-            if exp is None:
-                raise ExperimentNotFound(f"experiment {key} not found")
+            exp = self._get(key)
             path = self._queue_path(exp)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -288,32 +380,55 @@ class Engine:
         with self._lock:
             return [e.to_state() for e in self._experiments.values()]
 
-    def state(self, namespace: str, name: str) -> ExperimentState:
-        key = f"{namespace}/{name}"
+    def removed(self) -> list[RemovedExperiment]:
+        """Recently removed experiments with their final checkpoints, oldest first."""
         with self._lock:
-            exp = self._experiments.get(key)
-            if exp is None:
-                raise ExperimentNotFound(f"experiment {key} not found")
-            return exp.to_state()
+            return list(self._removed.values())
+
+    def state(self, namespace: str, name: str) -> ExperimentState:
+        with self._lock:
+            return self._get(f"{namespace}/{name}").to_state()
+
+    def rollouts(self, namespace: str, name: str, step: int | None = None) -> RolloutList:
+        """The rollouts of one kept step (the newest when step is None) and the steps kept."""
+        with self._lock:
+            exp = self._get(f"{namespace}/{name}")
+            kept = list(exp.rollouts)
+        steps = [s for s, _ in kept]
+        if step is None:
+            chosen = kept[-1][1] if kept else []
+        else:
+            chosen = next((r for s, r in kept if s == step), None)
+            if chosen is None:
+                raise ExperimentNotFound(
+                    f"experiment {namespace}/{name}: step {step} is not kept (kept: {steps or 'none yet'})"
+                )
+        return RolloutList(rollouts=chosen, steps=steps)
 
     def experiment_history(self, namespace: str, name: str) -> tuple[list[float], list[float]]:
         """(mean reward per step, tick seconds per step) of one experiment, for summaries and plots."""
         with self._lock:
-            exp = self._experiments.get(f"{namespace}/{name}")
-            if exp is None:
-                raise ExperimentNotFound(f"experiment {namespace}/{name} not found")
+            exp = self._get(f"{namespace}/{name}")
             return list(exp.rewards), list(exp.step_seconds)
 
     def checkpoint_all(self) -> None:
-        """Checkpoint every adapter that has stepped (SIGTERM, Ctrl-C)."""
+        """Checkpoint every adapter that has stepped (SIGTERM, Ctrl-C): after the running tick."""
         with self._tick_lock:
-            for exp in list(self._experiments.values()):
+            with self._lock:
+                everyone = list(self._experiments.values())
+            for exp in everyone:
                 if exp.in_bank and exp.phase != "Failed" and exp.step > 0:
                     try:
                         self._checkpoint(exp)
                     except Exception as err:  # one bad disk write must not stop the others
                         log.exception("checkpoint of %s failed", exp.key)
                         exp.message = f"checkpoint failed: {err}"
+
+    def _get(self, key: str) -> Experiment:
+        exp = self._experiments.get(key)
+        if exp is None:
+            raise ExperimentNotFound(f"experiment {key} not found")
+        return exp
 
     # ---- the tick -----------------------------------------------------------------------------------
 
@@ -322,34 +437,19 @@ class Engine:
         if not self.ready:
             raise RuntimeError("Engine.load() has not run")
         with self._tick_lock:
-            self._joiners.clear()  # everything recorded so far is applied now
-            with self._lock:
-                everyone = list(self._experiments.values())
             failed: dict[str, str] = {}
-            admitted = self._apply(everyone, failed)
-            runnable = [e for e in everyone if e.phase == "Running" and e.in_bank]
-            newcomers = [e for e in runnable if e in admitted]
-            veterans = [e for e in runnable if e not in admitted]
-            budget = self.config.tokens_per_tick
-            batch, self._budget_left = self._collect_problems(veterans, budget, failed, True)
-            if batch:
-                # Newcomers beside experiments already training take their first step on their own at
-                # the first join point, rather than after the whole packed tick.
-                self._held = newcomers
-                self._joiners.set()
-            else:
-                batch, self._budget_left = self._collect_problems(newcomers, budget, failed, True)
-            if not batch:
+            self._between_ticks(failed)
+            plans = self._plan(failed)
+            if not plans:
+                self._release(plans)
                 return None
             self._ticks += 1
             report = TickReport(self._ticks, [], failed, {}, 0, 0, {})
-            self._running = report
             try:
-                with self._join_points():
-                    self._step(batch, report)
+                self._step(plans, report)
             finally:
-                self._running = None
-                self._held = []
+                self._release(plans)
+                self._between_ticks(report.failed)
             if self.metrics is not None:
                 for phase, seconds in report.seconds.items():
                     self.metrics.tick_duration.labels(phase).observe(seconds)
@@ -357,319 +457,414 @@ class Engine:
                 self.metrics.tokens_trained.inc(report.tokens_trained)
             return report
 
-    def _step(self, batch: list[Planned], report: TickReport) -> None:
-        """One step of every experiment in `batch`: sample, reward, train, sync, each phase timed."""
-        t0 = time.perf_counter()
-        completions = self._sample(batch, report)
-        t1 = time.perf_counter()
-        scored = self._score(batch, completions, report)
-        t2 = time.perf_counter()
-        stepped = self._train(scored, report)
-        t3 = time.perf_counter()
-        report.seconds = {"sample": t1 - t0, "reward": t2 - t1, "train": t3 - t2}
-        self._sync(stepped, scored, report, t3 - t0)
-        report.seconds["sync"] = time.perf_counter() - t3
-
-    @contextmanager
-    def _join_points(self) -> Iterator[None]:
-        """Make every decoder layer a join point for the duration of a tick: before its forward (so
-        between decode steps and micro-batches too) and, in training, after its backward; and every
-        chunk of the trainer's LM head.
-
-        A layer is the finest step that can pause without cost: the running batch keeps its KV cache
-        and autograd graph while a newcomer's step runs its own (autograd allows a backward inside a
-        backward hook). Without a list of decoder layers (an unusual model) a newcomer waits for the
-        tick's end. vLLM samples outside these layers: there the newcomer joins when training begins.
-        """
-        assert self.base is not None
-        layers = getattr(self.base.model.get_decoder(), "layers", None) or []
-
-        def on_backward(_grad: torch.Tensor) -> None:
-            self._join_point()
-
-        def before_layer(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self._join_point()
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(on_backward)
-
-        handles = [layer.register_forward_pre_hook(before_layer, with_kwargs=True) for layer in layers]
-        assert self.trainer is not None
-        self.trainer.pause = self._join_point
-        try:
-            yield
-        finally:
-            self.trainer.pause = None
-            for handle in handles:
-                handle.remove()
-
-    def _join_point(self) -> None:
-        """Where a running tick lets experiments added since it began take their first step.
-
-        Without it a newcomer waits for the tick to end (seconds to minutes with many experiments on
-        a slow device) before it even starts. Here newcomers are admitted and, when their sampling
-        tokens fit in what this tick left of tokensPerTick, take one step of their own at once. That
-        step touches only the newcomers' adapters (the bank restores the running batch's plan after
-        it), so the tick's other experiments compute exactly what they would have; they finish later
-        by the newcomers' step time. From the next tick on the newcomers are packed with the others.
-        Memory: the newcomers' sampling fits the tick's budget, and their training adds at most one
-        micro-batch of activations to the one the running batch may hold.
-        """
-        running = self._running
-        if running is None or not self._joiners.is_set():
-            return
-        self._joiners.clear()
+    def _between_ticks(self, failed: dict[str, str]) -> None:
+        """Tick-thread housekeeping while no tick computes: finish removals, apply suspends, tell the
+        sampler of adapters that came and went, mark finished experiments Succeeded."""
         with self._lock:
-            joining = [e for e in self._experiments.values() if e.wants_admission]
-        candidates = self._held + self._apply(joining, running.failed)
-        self._held = []
-        runnable = [e for e in candidates if e.phase == "Running" and e.in_bank]
-        side = TickReport(running.tick, [], running.failed, {}, 0, 0, {})
-        batch, self._budget_left = self._collect_problems(runnable, self._budget_left, side.failed, False)
-        if not batch:
-            return
-        self._running = None  # no join point inside the newcomers' own step
-        try:
-            # grad mode is off in the sampler's decode loop and inside a backward
-            with torch.enable_grad():
-                self._step(batch, side)
-        finally:
-            self._running = running
-        running.stepped.extend(side.stepped)
-        running.joined.extend(side.stepped)
-        running.rewards.update(side.rewards)
-        running.completions.update(side.completions)
-        running.logprobs.update(side.logprobs)
-        running.tokens_sampled += side.tokens_sampled
-        running.tokens_trained += side.tokens_trained
-
-    def _apply(self, experiments: list[Experiment], failed: dict[str, str]) -> list[Experiment]:
-        """Bring the bank in line with these experiments' recorded specs (adds, suspends, resumes,
-        changed fields); returns the ones admitted into the bank now."""
-        admitted: list[Experiment] = []
-        for exp in experiments:
-            was_in_bank = exp.in_bank
+            removals = [e for e in self._experiments.values() if e.removing and not e.finishing]
+            for exp in removals:
+                exp.finishing = True
+        for exp in removals:
+            self._finish_removal(exp)
+        self._drain_retired()  # before _settle announces: a key removed and added again ends added
+        with self._lock:
+            everyone = [e for e in self._experiments.values() if not e.removing]
+        for exp in everyone:
             try:
-                self._apply_one(exp)
+                self._settle(exp)
             except Exception as err:
                 log.exception("applying %s failed", exp.key)
-                self._fail(exp, f"could not start: {err}")
+                self._fail(exp, f"could not apply its spec: {type(err).__name__}: {err}")
                 failed[exp.key] = exp.message
-            if exp.in_bank and not was_in_bank:
-                admitted.append(exp)
-        self._update_slot_metrics()
-        return admitted
+        self._drain_retired()
 
-    def _apply_one(self, exp: Experiment) -> None:
+    def _drain_retired(self) -> None:
+        """The sampler forgets adapters that left the bank (tick thread only: vLLM is not thread-safe)."""
+        assert self.sampler is not None
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for key in retired:
+            self.sampler.remove_adapter(key)
+
+    def _settle(self, exp: Experiment) -> None:
+        assert self.sampler is not None
         spec = exp.spec
-        if exp.phase == "Failed":
+        if exp.phase == "Failed" or not exp.in_bank:
             return
         if spec.suspend:
-            if exp.in_bank:
-                if exp.step > 0:
-                    self._checkpoint(exp)
-                self._evict(exp)
-            if exp.phase != "Suspended":
+            if exp.step > 0:
+                self._checkpoint(exp)
+            self._evict(exp)
+            with self._lock:
                 exp.phase, exp.message = "Suspended", "suspended; checkpointed and out of its slot"
+            self._update_slot_metrics()
             return
-        if not exp.in_bank:
-            resume = exp.resume_from
-            if exp.phase == "Suspended" and exp.last_checkpoint is not None:
-                resume = exp.last_checkpoint.path
-            self._admit(exp, resume)
-        task_json = spec.task.model_dump_json()
-        if exp.task is None or exp.task_spec_json != task_json:
-            exp.task = build_task(spec.task, spec.training.seed)
-            exp.reward_fn = get_reward(spec.task.reward)
-            exp.task_spec_json = task_json
+        if not exp.announced:
+            self.sampler.add_adapter(exp.key)
+            exp.announced = True
         total = spec.training.steps
         if total is not None and exp.step >= total:
             if exp.phase != "Succeeded":
-                exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
                 self._checkpoint(exp)
-        elif exp.phase in ("Pending", "Suspended", "Succeeded"):
-            exp.phase, exp.message = "Running", ""
+                with self._lock:
+                    exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
+        elif exp.phase in ("Pending", "Succeeded"):
+            with self._lock:
+                exp.phase, exp.message = "Running", ""
 
-    def _admit(self, exp: Experiment, resume: str | None) -> None:
-        assert self.bank is not None and self.sampler is not None
-        lora = exp.spec.lora
-        shape = AdapterShape(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-        self.bank.add(
-            exp.key, shape, derive_seed("lora", exp.spec.training.seed), exp.spec.training.learning_rate
-        )
-        exp.in_bank = True
-        if resume:
-            state = checkpoint.load(self.bank, exp.key, Path(resume))
-            exp.step, exp.rewards, exp.queue_consumed = state.step, state.rewards, state.queue_consumed
-            exp.last_checkpoint = CheckpointRef(step=state.step, path=str(resume), time=None)
-        self.sampler.add_adapter(exp.key)
-        if exp.started_at is None:
-            exp.started_at = datetime.now(UTC)
-
-    def _evict(self, exp: Experiment) -> None:
-        assert self.bank is not None and self.sampler is not None
-        self.sampler.remove_adapter(exp.key)
-        self.bank.remove(exp.key)
-        exp.in_bank = False
-
-    def _collect_problems(
-        self, runnable: list[Experiment], budget: int, failed: dict[str, str], at_least_one: bool
-    ) -> tuple[list[Planned], int]:
-        """Prompts of the experiments that step, least recently stepped first, within `budget` sampling
-        tokens (the first always steps when at_least_one); returns them and the budget left."""
-        runnable = sorted(runnable, key=lambda e: (e.last_tick, e.key))
-        chosen: list[Planned] = []
-        for exp in runnable:
-            cost = exp.spec.tokens_per_tick()
-            if cost > budget and (chosen or not at_least_one):
+    def _plan(self, failed: dict[str, str]) -> list[StepPlan]:
+        """The snapshot this tick works on: experiments least recently stepped first, within
+        tokensPerTick sampling tokens (the first always steps)."""
+        assert self.bank is not None and self.base is not None
+        with self._lock:
+            candidates = [
+                (e, e.spec)
+                for e in self._experiments.values()
+                if e.phase == "Running" and e.in_bank and not e.removing and not e.spec.suspend
+            ]
+            candidates.sort(key=lambda c: (c[0].last_tick, c[0].key))
+        plans: list[StepPlan] = []
+        budget = self.config.tokens_per_tick
+        for exp, spec in candidates:
+            cost = spec.tokens_per_tick()
+            if cost > budget and plans:
                 continue
             try:
-                problems = self._problems_for(exp)
-                if not problems:
-                    continue  # a continual experiment with an empty queue waits
+                reward_fn, task = self._task_of(exp, spec)
+                with self._lock:
+                    if exp.removing:  # a DELETE came while this was being planned
+                        continue
+                    n = spec.training.prompts_per_step
+                    pending = exp.queue[exp.queue_consumed : exp.queue_consumed + n]
+                    exp.busy = True
+                    step = exp.step
+                problems = [Problem(prompt=s.prompt, answer=s.answer) for s in pending]
+                if len(problems) < n and spec.training.steps is not None:
+                    problems.extend(task.problems(step, n)[: n - len(problems)])
                 prompts = [
-                    chat_prompt(self.base.tokenizer, p.prompt, exp.spec.task.system_prompt) for p in problems
+                    chat_prompt(self.base.tokenizer, p.prompt, spec.task.system_prompt) for p in problems
                 ]
             except Exception as err:
                 log.exception("task of %s failed", exp.key)
-                self._fail(exp, f"task {exp.spec.task.name} failed: {type(err).__name__}: {err}")
+                self._fail(exp, f"task {spec.task.name} failed: {type(err).__name__}: {err}")
                 failed[exp.key] = exp.message
+                self._release_one(exp)
                 continue
+            if not problems:
+                self._release_one(exp)  # a continual experiment with an empty queue waits
+                continue
+            slot = self.bank.adapters[exp.key].slot
+            plans.append(StepPlan(exp, spec, step, slot, reward_fn, problems, prompts, len(pending)))
             budget -= cost
-            chosen.append((exp, problems, prompts))
-        return chosen, max(budget, 0)
+        return plans
 
-    def _problems_for(self, exp: Experiment) -> list[Problem]:
-        """Pushed samples first (in order); a finite experiment fills the rest from its task."""
-        n = exp.spec.training.prompts_per_step
+    def _task_of(self, exp: Experiment, spec: LoRAExperimentSpec) -> tuple[RewardFn, Task]:
+        """The experiment's task and reward for this spec, rebuilt only when the task changed."""
+        task_json = spec.task.model_dump_json() + f"/{spec.training.seed}"
+        if exp.task is None or exp.reward_fn is None or exp.task_spec_json != task_json:
+            exp.task = build_task(spec.task, spec.training.seed)
+            exp.reward_fn = get_reward(spec.task.reward)
+            exp.task_spec_json = task_json
+        return exp.reward_fn, exp.task
+
+    def _release(self, plans: list[StepPlan]) -> None:
         with self._lock:
-            pending = exp.queue[exp.queue_consumed : exp.queue_consumed + n]
-        problems = [Problem(prompt=s.prompt, answer=s.answer) for s in pending]
-        if len(problems) < n and exp.spec.training.steps is not None:
-            assert exp.task is not None
-            problems.extend(exp.task.problems(exp.step, n)[: n - len(problems)])
-        return problems
+            for plan in plans:
+                plan.exp.busy = False
 
-    def _sample(self, batch: list[Planned], report: TickReport):
+    def _release_one(self, exp: Experiment) -> None:
+        with self._lock:
+            exp.busy = False
+
+    def _step(self, plans: list[StepPlan], report: TickReport) -> None:
+        """One step of every planned experiment: sample, reward, train, sync, each phase timed."""
+        t0 = time.perf_counter()
+        sampled = self._sample(plans, report)
+        t1 = time.perf_counter()
+        scored = self._score(sampled, report)
+        t2 = time.perf_counter()
+        result, rows_of = self._train(scored, report)
+        t3 = time.perf_counter()
+        report.seconds = {"sample": t1 - t0, "reward": t2 - t1, "train": t3 - t2}
+        self._sync(scored, result, rows_of, report, t3 - t0)
+        report.seconds["sync"] = time.perf_counter() - t3
+
+    def _sample(self, plans: list[StepPlan], report: TickReport) -> list[tuple[StepPlan, list[Completion]]]:
+        """One sampling batch for every plan; if it fails, plan by plan, so that only the experiment
+        whose rows fail is failed."""
+        requests = [plan.requests() for plan in plans]
+        try:
+            completions = self._generate([r for rs in requests for r in rs])
+            out, at = [], 0
+            for plan, rs in zip(plans, requests, strict=True):
+                out.append((plan, completions[at : at + len(rs)]))
+                at += len(rs)
+        except Exception as packed_error:
+            log.warning("packed sampling failed (%s); sampling experiment by experiment", packed_error)
+            free_memory(self.base.device)
+            out, errors = [], {}
+            for plan, rs in zip(plans, requests, strict=True):
+                try:
+                    out.append((plan, self._generate(rs)))
+                except Exception as err:
+                    errors[plan.key] = f"sampling failed: {type(err).__name__}: {err}"
+                    free_memory(self.base.device)
+            if len(errors) == len(plans) and not self._base_model_works():
+                raise packed_error from None
+            for key, message in errors.items():
+                self._fail(next(p.exp for p in plans if p.key == key), message)
+                report.failed[key] = message
+        report.tokens_sampled = sum(len(c.token_ids) for _, cs in out for c in cs)
+        return out
+
+    def _generate(self, requests: list[SampleRequest]) -> list[Completion]:
         assert self.sampler is not None
-        requests: list[SampleRequest] = []
-        for exp, _problems, prompts in batch:
-            t = exp.spec.training
-            for p, prompt in enumerate(prompts):
-                for g in range(t.group_size):
-                    requests.append(
-                        SampleRequest(
-                            adapter_key=exp.key,
-                            prompt_ids=prompt,
-                            max_new_tokens=t.max_new_tokens,
-                            temperature=t.temperature,
-                            seed=derive_seed("sample", t.seed, exp.step, p, g),
-                        )
-                    )
-        completions = self.sampler.generate(requests)
-        report.tokens_sampled = sum(len(c.token_ids) for c in completions)
-        return completions
+        self._fault("sample", sorted({r.adapter_key for r in requests}))
+        return self.sampler.generate(requests)
 
-    def _score(self, batch, completions, report: TickReport):
-        """Per experiment: (rows of (prompt ids, completion ids), rewards [prompts, group])."""
-        scored = []
-        offset = 0
+    def _score(self, sampled: list[tuple[StepPlan, list[Completion]]], report: TickReport) -> list[Scored]:
         tokenizer = self.base.tokenizer
-        for exp, problems, prompts in batch:
-            g = exp.spec.training.group_size
-            mine = completions[offset : offset + len(problems) * g]
-            offset += len(problems) * g
-            rows = [(prompts[j // g], c.token_ids) for j, c in enumerate(mine)]
+        scored: list[Scored] = []
+        for plan, completions in sampled:
+            g = plan.spec.training.group_size
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
             try:
-                assert exp.reward_fn is not None
                 flat = [
-                    float(
-                        exp.reward_fn(
-                            tokenizer.decode(c.token_ids, skip_special_tokens=True), problems[j // g].answer
-                        )
-                    )
-                    for j, c in enumerate(mine)
+                    float(plan.reward_fn(text, plan.problems[j // g].answer)) for j, text in enumerate(texts)
                 ]
             except Exception as err:
-                log.exception("reward of %s failed", exp.key)
-                self._fail(exp, f"reward {exp.spec.task.reward} failed: {type(err).__name__}: {err}")
-                report.failed[exp.key] = exp.message
+                log.exception("reward of %s failed", plan.key)
+                self._fail(plan.exp, f"reward {plan.spec.task.reward} failed: {type(err).__name__}: {err}")
+                report.failed[plan.key] = plan.exp.message
                 continue
-            rewards = [flat[p * g : (p + 1) * g] for p in range(len(problems))]
-            scored.append((exp, rows, rewards, len(problems)))
+            rewards = [flat[p * g : (p + 1) * g] for p in range(len(plan.problems))]
+            scored.append(Scored(plan, completions, texts, rewards))
         return scored
 
-    def _train(self, scored, report: TickReport) -> list[Experiment]:
+    def _train(
+        self, scored: list[Scored], report: TickReport
+    ) -> tuple[StepResult | None, dict[str, list[int]]]:
+        """One trainer step over every scored plan's rows. Returns the result and, per experiment, the
+        index in the trainer's rows of each of its completions (-1: empty, not trained)."""
         assert self.trainer is not None
         rows: list[TrainRow] = []
         hyper: dict[str, AdapterHyper] = {}
-        for exp, exp_rows, rewards, _n in scored:
-            t = exp.spec.training
-            adv = group_advantages(
-                torch.tensor(rewards, dtype=torch.float32), scale_by_std=t.loss_type == "grpo"
-            )
-            flat_adv = adv.flatten().tolist()
-            weights = sequence_weights(t.loss_type, [len(c) for _, c in exp_rows], t.max_new_tokens)
-            for (prompt, completion), a, w in zip(exp_rows, flat_adv, weights, strict=True):
-                if completion:
-                    rows.append(TrainRow(exp.key, prompt, completion, a, w))
-            hyper[exp.key] = AdapterHyper(
-                clip_epsilon=t.clip_epsilon,
+        rows_of: dict[str, list[int]] = {}
+        for item in scored:
+            plan, t = item.plan, item.plan.spec.training
+            adv = group_advantages(torch.tensor(item.rewards, dtype=torch.float32), t.loss_type)
+            lengths = [len(c.token_ids) for c in item.completions]
+            weights = sequence_weights(t.loss_type, lengths, t.max_new_tokens)
+            index: list[int] = []
+            for j, (c, a, w) in enumerate(
+                zip(item.completions, adv.flatten().tolist(), weights, strict=True)
+            ):
+                if c.token_ids:
+                    index.append(len(rows))
+                    prompt = plan.prompts[j // t.group_size]
+                    rows.append(TrainRow(plan.key, prompt, c.token_ids, a, w, t.temperature))
+                else:
+                    index.append(-1)
+            rows_of[plan.key] = index
+            hyper[plan.key] = AdapterHyper(
+                slot=plan.slot,
+                clip_low=t.clip_epsilon,
+                clip_high=t.clip_high,
                 kl_coef=t.kl_coef,
                 learning_rate=t.learning_rate,
-                dropout_seed=derive_seed("dropout", t.seed, exp.step),
+                dropout_seed=derive_seed("dropout", t.seed, plan.step),
+                updates=t.updates_per_batch,
             )
-        result = self.trainer.step(rows, hyper) if rows else None
-        for exp, exp_rows, _rewards, _n in scored:
-            report.completions[exp.key] = [list(c) for _p, c in exp_rows]
-            res = result.adapters.get(exp.key) if result else None
-            if res is not None and res.logprobs:
-                report.logprobs[exp.key] = torch.cat(res.logprobs)
-        stepped: list[Experiment] = []
-        for exp, _rows, _rewards, _n in scored:
-            res = result.adapters.get(exp.key) if result else None
-            if res is not None and res.error is not None:
-                self._fail(exp, res.error)
-                report.failed[exp.key] = res.error
-                continue
-            stepped.append(exp)
-        report.tokens_trained = result.tokens if result else 0
-        return stepped
+        if not rows:
+            return None, rows_of
+        try:
+            result = self.trainer.step(rows, hyper)
+        except Exception as err:
+            # Every experiment failed alone (see Trainer.step): the base model's fault unless it works.
+            if not self._base_model_works():
+                raise
+            result = StepResult()
+            message = f"training failed: {type(err).__name__}: {err}"
+            for key in hyper:
+                self._fail(next(s.plan.exp for s in scored if s.plan.key == key), message)
+                report.failed[key] = message
+            return None, rows_of
+        for key, res in result.adapters.items():
+            if res.error is not None:
+                self._fail(next(s.plan.exp for s in scored if s.plan.key == key), res.error)
+                report.failed[key] = res.error
+        report.tokens_trained = result.tokens
+        return result, rows_of
 
-    def _sync(self, stepped: list[Experiment], scored, report: TickReport, seconds: float) -> None:
+    def _sync(
+        self,
+        scored: list[Scored],
+        result: StepResult | None,
+        rows_of: dict[str, list[int]],
+        report: TickReport,
+        seconds: float,
+    ) -> None:
         assert self.sampler is not None
-        self.sampler.sync_adapters([e.key for e in stepped])
-        rewards_of = {exp.key: rewards for exp, _rows, rewards, _n in scored}
-        for exp in stepped:
-            flat = [r for group in rewards_of[exp.key] for r in group]
+        stepped = [s for s in scored if s.plan.key not in report.failed]
+        self.sampler.sync_adapters([s.plan.key for s in stepped])
+        for item in stepped:
+            plan, exp, t = item.plan, item.plan.exp, item.plan.spec.training
+            flat = [r for group in item.rewards for r in group]
             mean = sum(flat) / len(flat) if flat else float("nan")
+            rollouts = self._rollouts(item, result, rows_of[plan.key])
+            stats = self._stats(item, result)
             with self._lock:
-                exp.step += 1
+                exp.step = plan.step + 1
                 exp.rewards.append(mean)
                 exp.step_seconds.append(seconds)
                 exp.last_tick = report.tick
-                used = min(exp.spec.training.prompts_per_step, len(exp.queue) - exp.queue_consumed)
-                exp.queue_consumed += used
-            if used:
+                exp.queue_consumed += plan.queue_taken
+                exp.stats = stats
+                exp.rollouts.append((plan.step, rollouts))
+                while len(exp.rollouts) > self.config.rollout_steps:
+                    exp.rollouts.popleft()
+            if plan.queue_taken:
                 self._write_consumed(exp)
-            report.stepped.append(exp.key)
-            report.rewards[exp.key] = mean
+            report.stepped.append(plan.key)
+            report.rewards[plan.key] = mean
+            report.completions[plan.key] = [list(c.token_ids) for c in item.completions]
+            report.rollouts[plan.key] = rollouts
             if self.metrics is not None:
                 self.metrics.experiment_step.labels(exp.namespace, exp.name).set(exp.step)
                 if math.isfinite(mean):
                     self.metrics.experiment_reward.labels(exp.namespace, exp.name).set(mean)
-            total = exp.spec.training.steps
+                self.metrics.set_experiment_stats(exp.namespace, exp.name, stats.model_dump(by_alias=True))
+            total = t.steps
             try:
                 if total is not None and exp.step >= total:
-                    exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
                     self._checkpoint(exp)
-                elif exp.step % exp.spec.checkpoint.every_steps == 0:
+                    with self._lock:
+                        exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
+                elif exp.step % plan.spec.checkpoint.every_steps == 0:
                     self._checkpoint(exp)
             except Exception as err:
                 log.exception("checkpoint of %s failed", exp.key)
                 exp.message = f"checkpoint failed: {type(err).__name__}: {err}"
 
+    def _rollouts(self, item: Scored, result: StepResult | None, index: list[int]) -> list[Rollout]:
+        plan = item.plan
+        g = plan.spec.training.group_size
+        adv = group_advantages(torch.tensor(item.rewards, dtype=torch.float32), plan.spec.training.loss_type)
+        flat_adv = adv.flatten().tolist()
+        trained = result.row_logprobs if result is not None else []
+        out: list[Rollout] = []
+        for j, (c, text) in enumerate(zip(item.completions, item.texts, strict=True)):
+            trainer_lp = trained[index[j]] if index[j] >= 0 and index[j] < len(trained) else None
+            out.append(
+                Rollout(
+                    namespace=plan.exp.namespace,
+                    name=plan.exp.name,
+                    step=plan.step,
+                    prompt=plan.problems[j // g].prompt,
+                    completion=text,
+                    tokens=len(c.token_ids),
+                    reward=item.rewards[j // g][j % g],
+                    advantage=flat_adv[j],
+                    sampler_logprob=sum(c.logprobs) if c.logprobs is not None else None,
+                    trainer_logprob=trainer_lp if trainer_lp is None or math.isfinite(trainer_lp) else None,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _stats(item: Scored, result: StepResult | None) -> StepStats:
+        t = item.plan.spec.training
+        lengths = [len(c.token_ids) for c in item.completions]
+        stats = StepStats(
+            completion_length=sum(lengths) / len(lengths) if lengths else 0.0,
+            frac_reward_zero_std=frac_zero_std(torch.tensor(item.rewards, dtype=torch.float32)),
+        )
+        res = result.adapters.get(item.plan.key) if result is not None else None
+        if res is None or not res.losses:
+            return stats
+        stats.loss = res.loss
+        stats.grad_norm = sum(res.grad_norms) / len(res.grad_norms)
+        stats.clip_fraction = sum(res.clip_fractions) / len(res.clip_fractions)
+        stats.entropy = res.entropy
+        if t.kl_coef > 0 and res.kls:
+            stats.kl = sum(res.kls) / len(res.kls)
+        return stats
+
     # ---- helpers ------------------------------------------------------------------------------------
+
+    def _admit(self, exp: Experiment, resume: str | None) -> None:
+        """Give the experiment a slot now (holds _lock; the slot is free, so no computation reads it).
+        A failure fails the experiment alone and frees what it took."""
+        assert self.bank is not None
+        lora = exp.spec.lora
+        shape = AdapterShape(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        try:
+            self.bank.add(
+                exp.key, shape, derive_seed("lora", exp.spec.training.seed), exp.spec.training.learning_rate
+            )
+            exp.in_bank = True
+            if resume:
+                state = checkpoint.load(self.bank, exp.key, Path(resume))
+                exp.step, exp.rewards, exp.queue_consumed = state.step, state.rewards, state.queue_consumed
+                exp.last_checkpoint = CheckpointRef(step=state.step, path=str(resume), time=None)
+        except Exception as err:
+            log.exception("admitting %s failed", exp.key)
+            if exp.in_bank:
+                self._evict(exp)
+            exp.phase, exp.message = "Failed", f"could not start: {type(err).__name__}: {err}"
+            return
+        exp.announced = False
+        exp.phase, exp.message = "Running", ""
+        if exp.started_at is None:
+            exp.started_at = datetime.now(UTC)
+
+    def _evict(self, exp: Experiment) -> None:
+        """Free the adapter's slot; the sampler forgets it on the tick thread (_between_ticks)."""
+        assert self.bank is not None
+        with self._lock:
+            if exp.in_bank:
+                self.bank.remove(exp.key)
+                exp.in_bank = False
+                if exp.announced:
+                    self._retired.append(exp.key)
+                    exp.announced = False
+
+    def _finish_removal(self, exp: Experiment) -> RemovedExperiment:
+        """Final checkpoint, slot freed, record moved to the removed list (the caller claimed it)."""
+        ref = exp.last_checkpoint
+        if exp.in_bank and exp.phase != "Failed" and exp.step > 0:
+            try:
+                ref = self._checkpoint(exp)
+            except Exception as err:
+                log.exception("final checkpoint of %s failed", exp.key)
+                exp.message = f"final checkpoint failed: {type(err).__name__}: {err}"
+        self._evict(exp)
+        gone = RemovedExperiment(namespace=exp.namespace, name=exp.name, checkpoint=ref)
+        with self._lock:
+            self._experiments.pop(exp.key, None)
+            self._removed[exp.key] = gone
+            while len(self._removed) > REMOVED_KEPT:
+                self._removed.popitem(last=False)
+        if self.metrics is not None:
+            self.metrics.forget_experiment(exp.namespace, exp.name)
+        self._update_slot_metrics()
+        return gone
+
+    def _fault(self, phase: str, keys: list[str]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(phase, keys)
+
+    def _base_model_works(self) -> bool:
+        """One token through the base model alone: tells a fault of the model from one of the rows."""
+        assert self.base is not None and self.bank is not None
+        try:
+            with torch.no_grad(), self.bank.plan(None):
+                token = torch.tensor([[int(self.base.tokenizer.pad_token_id or 0)]], device=self.base.device)
+                self.base.model(input_ids=token)
+            return True
+        except Exception:
+            log.exception("the base model itself fails")
+            return False
 
     def _fail(self, exp: Experiment, message: str) -> None:
         with self._lock:
@@ -680,15 +875,17 @@ class Engine:
     def _checkpoint(self, exp: Experiment) -> CheckpointRef:
         assert self.bank is not None
         started = time.perf_counter()
-        state = checkpoint.TrainingState(
-            step=exp.step,
-            rewards=list(exp.rewards),
-            queue_consumed=exp.queue_consumed,
-            extra={"spec": exp.spec.wire()},
-        )
+        with self._lock:
+            state = checkpoint.TrainingState(
+                step=exp.step,
+                rewards=list(exp.rewards),
+                queue_consumed=exp.queue_consumed,
+                extra={"spec": exp.spec.wire()},
+            )
+            keep = exp.spec.checkpoint.keep
         directory = checkpoint.experiment_dir(self.config.checkpoint_dir, exp.namespace, exp.name)
-        path, when = checkpoint.save(self.bank, exp.key, directory, state, exp.spec.checkpoint.keep)
-        ref = CheckpointRef(step=exp.step, path=str(path), time=when)
+        path, when = checkpoint.save(self.bank, exp.key, directory, state, keep)
+        ref = CheckpointRef(step=state.step, path=str(path), time=when)
         with self._lock:
             exp.last_checkpoint = ref
         if self.metrics is not None:

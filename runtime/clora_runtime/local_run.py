@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_file", help="summary JSON path (default: OUTPUT/summary.json)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runtime", help="the LoRARuntime to run, when the folder has several")
+    parser.add_argument(
+        "--rollouts",
+        metavar="FILE.jsonl",
+        help="write every completion (prompt, completion, reward, advantage, sampler and trainer"
+        " log-probs) as one JSON object per line",
+    )
 
 
 # -- manifests --------------------------------------------------------------------------------------
@@ -106,6 +112,7 @@ class Tracked:
     phase: str = "Queued"
     step: int = 0
     message: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)  # RL statistics of the last step (camelCase)
 
     @property
     def namespace(self) -> str:
@@ -198,6 +205,7 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
     previous = signal.signal(signal.SIGINT, stopper)
     totals = {"ticks": 0, "sampled": 0, "trained": 0, "seconds": 0.0}
     interrupted = False
+    rollouts = Path(args.rollouts).open("w") if args.rollouts else None  # noqa: SIM115 - closed below
 
     def admit() -> None:
         while waiting and engine.free_slots > 0:
@@ -215,6 +223,7 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
         for state in engine.states():
             t = tracked[(state.namespace, state.name)]
             t.phase, t.step, t.message = state.phase, state.step, state.message
+            t.stats = state.stats.model_dump(mode="json", by_alias=True)
             t.rewards, t.step_seconds = engine.experiment_history(state.namespace, state.name)
             if state.phase in TERMINAL and t.finished is None:
                 finish(t)
@@ -226,11 +235,21 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
             t.adapter_dir = str(engine.bank.export_peft(key, output / t.namespace / t.name))
         engine.remove(t.namespace, t.name)  # checkpoints (unless failed) and frees the slot
 
+    def write_rollouts(report: Any) -> None:
+        if rollouts is None:
+            return
+        for items in report.rollouts.values():
+            for item in items:
+                rollouts.write(json.dumps(item.model_dump(mode="json", by_alias=True)) + "\n")
+        rollouts.flush()
+
     try:
         with Live(_table(tracked, totals), console=console, refresh_per_second=2, transient=False) as live:
             admit()
             while not stopper.requested:
                 report = engine.tick()
+                if report is not None:
+                    write_rollouts(report)
                 collect()
                 admit()
                 if report is not None:
@@ -248,6 +267,8 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
         interrupted = True
     finally:
         signal.signal(signal.SIGINT, previous)
+        if rollouts is not None:
+            rollouts.close()
     interrupted = interrupted or stopper.requested
     if interrupted:
         console.print("clora: interrupted; checkpointing")
@@ -314,6 +335,7 @@ def _summary(
                 if t.started
                 else None,
                 "stepSeconds": [round(s, 4) for s in t.step_seconds],
+                "stats": t.stats,
                 "adapter": t.adapter_dir,
             }
             for t in tracked.values()

@@ -105,19 +105,28 @@ def join_section(name: str, r: dict[str, Any]) -> list[str]:
         f"A new experiment PUT {len(r['joins'])} times, at random moments, on a runtime already training"
         f" {r['busyExperiments']} experiments (one tick of theirs: {r['busyTickSeconds']:.1f} s):",
         "",
-        f"- PUT to admitted, its first step under way: median {r['warmPutToAdmittedSeconds']:.2f} s,"
+        f"- PUT to admitted (slot allocated, phase Running): median {r['warmPutToAdmittedSeconds']:.2f} s,"
         f" max {r['warmPutToAdmittedMaxSeconds']:.2f} s.",
-        f"- PUT to first trained step: median {r['warmPutToFirstStepSeconds']:.2f} s,"
-        f" max {r['warmPutToFirstStepMaxSeconds']:.2f} s; the step alone, PUT on an idle warm runtime:"
-        f" {r['coldFirstStepAfterPutSeconds']:.2f} s.",
+        f"- PUT to first trained step (packed into the next tick): median"
+        f" {r['warmPutToFirstStepSeconds']:.2f} s, max {r['warmPutToFirstStepMaxSeconds']:.2f} s; the step"
+        f" alone, PUT on an idle warm runtime: {r['coldFirstStepAfterPutSeconds']:.2f} s.",
+        *(
+            [
+                f"- DELETE while it trains, to the answer (200, or 202 while the running tick holds it):"
+                f" median {r['deleteAnswerSeconds']:.2f} s, max {r['deleteAnswerMaxSeconds']:.2f} s; to"
+                f" its final checkpoint known: max {r['deleteToFinalCheckpointMaxSeconds']:.2f} s."
+            ]
+            if "deleteAnswerSeconds" in r
+            else []
+        ),
         f"- Cold: process start to ready {r['coldStartToReadySeconds']:.2f} s;"
         f" to first trained step {r['coldStartToFirstStepSeconds']:.2f} s.",
         "",
-        "| random wait before the PUT s | PUT to admitted s | PUT to first step s |",
-        "|---:|---:|---:|",
+        "| random wait before the PUT s | PUT to admitted s | PUT to first step s | DELETE answered s |",
+        "|---:|---:|---:|---:|",
         *(
             f"| {t['delaySeconds']:.2f} | {t['putToAdmittedSeconds']:.2f}"
-            f" | {t['putToFirstStepSeconds']:.2f} |"
+            f" | {t['putToFirstStepSeconds']:.2f} | {t.get('deleteAnswerSeconds', float('nan')):.2f} |"
             for t in r["joins"]
         ),
         "",

@@ -4,7 +4,10 @@ Both are timed against a real `clora runtime` server process, through its HTTP A
 drives it. Cold: start the server process, wait for /readyz, PUT, until the first step is done (what a
 one-experiment job pays every time). Warm: the server already trains `busy` experiments together; a
 new one is PUT at a random moment of their tick (several times, one after another) and timed until it
-is admitted (its first step under way: the tick's next join point) and until that step is done.
+is admitted (the PUT's answer: slot allocated, phase Running) and until its first step is done (it is
+packed into the next tick). Then, at another random moment of a tick, it is DELETEd while it trains:
+timed until DELETE answers (200, or 202 while the running tick holds it) and until its final
+checkpoint is known (a repeated DELETE answers 200 with it).
 """
 
 from __future__ import annotations
@@ -109,11 +112,14 @@ def _wait_ready(client: httpx.Client, deadline_s: float = 600) -> float:
     raise TimeoutError("runtime did not become ready")
 
 
-def _put(client: httpx.Client, name: str, spec: LoRAExperimentSpec) -> float:
+def _put(client: httpx.Client, name: str, spec: LoRAExperimentSpec) -> tuple[float, float]:
+    """(sent, admitted): admitted is when the answer said Running, else when GET first says so."""
     at = time.time()
     r = client.put(f"/v1/experiments/bench/{name}", json={"spec": spec.wire(), "resumeFrom": None})
     r.raise_for_status()
-    return at
+    if r.json()["phase"] == "Running":
+        return at, time.time()
+    return at, _until(client, name, lambda s: s["phase"] == "Running")
 
 
 def _until(client: httpx.Client, name: str, pred: Any, deadline_s: float = 600) -> float:
@@ -128,8 +134,17 @@ def _until(client: httpx.Client, name: str, pred: Any, deadline_s: float = 600) 
     raise TimeoutError(f"{name} did not get there in time")
 
 
-def _delete(client: httpx.Client, name: str) -> None:
-    client.delete(f"/v1/experiments/bench/{name}", timeout=600).raise_for_status()
+def _delete(client: httpx.Client, name: str) -> tuple[float, float]:
+    """(seconds until DELETE answered, seconds until the final checkpoint was known)."""
+    at = time.time()
+    r = client.delete(f"/v1/experiments/bench/{name}", timeout=600)
+    r.raise_for_status()
+    answered = time.time()
+    while r.status_code == 202:  # Removing: the running tick holds it; ask again
+        time.sleep(POLL_S)
+        r = client.delete(f"/v1/experiments/bench/{name}", timeout=600)
+        r.raise_for_status()
+    return answered - at, time.time() - at
 
 
 def join(
@@ -140,9 +155,11 @@ def join(
     joins: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """specs[0] is the newcomer (one step); specs[1:] keep the warm runtime busy meanwhile."""
+    """specs[0] is the newcomer; specs[1:] keep the warm runtime busy meanwhile."""
     first = specs[0].model_copy(deep=True)
     first.training.steps = 1
+    newcomer = specs[0].model_copy(deep=True)
+    newcomer.training.steps = 10_000  # trains on until it is deleted
     busy = [s.model_copy(deep=True) for s in specs[1:]]
     for s in busy:
         s.training.steps = 10_000  # trains until the bench ends
@@ -150,7 +167,7 @@ def join(
     rng = random.Random(seed)
     with runtime_server(model, device, len(busy) + 1, rank, threads) as (client, spawned):
         ready = _wait_ready(client)
-        put = _put(client, "cold", first)
+        put, _ = _put(client, "cold", first)
         cold_step = _until(client, "cold", lambda s: s["step"] >= 1)
         _delete(client, "cold")
         for i, spec in enumerate(busy):
@@ -167,19 +184,22 @@ def join(
             delay = rng.uniform(0, tick)  # arrive anywhere in a tick: sampling or training
             time.sleep(delay)
             name = f"warm-{j}"
-            at = _put(client, name, first)
-            admitted = _until(client, name, lambda s: s["phase"] != "Pending")
+            at, admitted = _put(client, name, newcomer)
             stepped = _until(client, name, lambda s: s["step"] >= 1)
-            _delete(client, name)
+            time.sleep(rng.uniform(0, tick))  # delete it anywhere in a tick it trains in
+            answered, checkpointed = _delete(client, name)
             timings.append(
                 {
                     "delaySeconds": delay,
                     "putToAdmittedSeconds": admitted - at,
                     "putToFirstStepSeconds": stepped - at,
+                    "deleteAnswerSeconds": answered,
+                    "deleteToFinalCheckpointSeconds": checkpointed,
                 }
             )
     admitted_s = [t["putToAdmittedSeconds"] for t in timings]
     stepped_s = [t["putToFirstStepSeconds"] for t in timings]
+    deleted_s = [t["deleteAnswerSeconds"] for t in timings]
     return {
         "model": model,
         "machine": machine(),
@@ -193,4 +213,7 @@ def join(
         "warmPutToAdmittedMaxSeconds": max(admitted_s),
         "warmPutToFirstStepSeconds": statistics.median(stepped_s),
         "warmPutToFirstStepMaxSeconds": max(stepped_s),
+        "deleteAnswerSeconds": statistics.median(deleted_s),
+        "deleteAnswerMaxSeconds": max(deleted_s),
+        "deleteToFinalCheckpointMaxSeconds": max(t["deleteToFinalCheckpointSeconds"] for t in timings),
     }

@@ -85,9 +85,9 @@ class AdapterBank:
         self.layers: dict[str, MultiLoRALinear] = {n: model.get_submodule(n) for n in self.all_linear}
         self.adapters: dict[str, Adapter] = {}
         self.slot_keys: list[str | None] = [None] * max_adapters
-        # One batch through the shared context at a time; re-entrant because a tick's join point runs a
-        # newcomer's step (its own batches) inside a sampling or training loop of the same thread.
-        self._plan_lock = threading.RLock()
+        # One batch through the shared context at a time. add/remove may run on another thread than
+        # the batches (the engine serialises them): they only write slots no running plan names.
+        self._plan_lock = threading.Lock()
 
     @property
     def free_slots(self) -> int:

@@ -28,6 +28,9 @@ class Completion:
 
     token_ids: list[int]  # generated tokens, EOS included if produced
     finished: bool  # stopped at EOS (False: hit max_new_tokens)
+    # log-probability of each generated token under the distribution it was drawn from (logits
+    # divided by the temperature); None when the sampler cannot say
+    logprobs: list[float] | None = None
 
 
 class Sampler(ABC):

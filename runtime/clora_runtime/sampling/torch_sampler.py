@@ -119,8 +119,11 @@ class TorchSampler(Sampler):
             alive = list(range(n))  # request index of each batch row
             plan = BatchPlan.from_slots(slots)
             eos = set(self.eos)
+            drawn: list[tuple[list[int], torch.Tensor]] = []  # (rows, their log-probs) per decode step
             while True:
-                chosen = self._draw(logits, temps[alive], [gens[i] for i in alive])
+                chosen_t, logp = self._draw(logits, temps[alive], [gens[i] for i in alive])
+                drawn.append((alive, logp))
+                chosen = chosen_t.tolist()
                 keep: list[int] = []
                 for b, i in enumerate(alive):
                     tokens[i].append(chosen[b])
@@ -148,7 +151,18 @@ class TorchSampler(Sampler):
                 ).last_hidden_state[:, -1]
                 logits = head(hidden).float()
                 next_pos = next_pos + 1
-        return [Completion(token_ids=t, finished=f) for t, f in zip(tokens, finished, strict=True)]
+        # one transfer for every step's log-probs, dealt back to the rows in step order
+        flat = torch.cat([logp for _, logp in drawn]).tolist()
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        at = 0
+        for rows, _ in drawn:
+            for i, value in zip(rows, flat[at : at + len(rows)], strict=True):
+                logprobs[i].append(value)
+            at += len(rows)
+        return [
+            Completion(token_ids=t, finished=f, logprobs=lp)
+            for t, f, lp in zip(tokens, finished, logprobs, strict=True)
+        ]
 
     def _left_padded(
         self, prompts: list[list[int]], device: torch.device
@@ -163,9 +177,12 @@ class TorchSampler(Sampler):
         return ids.to(device), mask.to(device)
 
     @staticmethod
-    def _draw(logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]) -> list[int]:
-        """One token per row by inverse-CDF sampling: one uniform number from each row's own generator,
-        so rows never share randomness (and a row's draw does not depend on the batch).
+    def _draw(
+        logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row by inverse-CDF sampling, and its log-probability under softmax(logits / T):
+        one uniform number from each row's own generator, so rows never share randomness (and a row's
+        draw does not depend on the batch).
 
         Two levels, so no cumulative sum runs over the whole vocabulary (a sequential scan, slow on a
         CPU): block sums pick the block of VOCAB_BLOCK tokens the draw falls in, then a cumulative sum
@@ -193,4 +210,6 @@ class TorchSampler(Sampler):
         offset = torch.searchsorted(inside, target - before, side="right").clamp_(max=VOCAB_BLOCK - 1)
         # a row whose logits are not finite (a diverged adapter) still gets a token; its loss then
         # fails that experiment alone
-        return (block.squeeze(1) * VOCAB_BLOCK + offset.squeeze(1)).clamp_(max=vocab - 1).tolist()
+        tokens = (block.squeeze(1) * VOCAB_BLOCK + offset.squeeze(1)).clamp_(max=vocab - 1)
+        logp = weights.gather(1, tokens.unsqueeze(1)).squeeze(1).log() - block_cdf[:, -1].log()
+        return tokens, logp

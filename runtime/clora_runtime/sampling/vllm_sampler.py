@@ -156,6 +156,7 @@ class VLLMSampler(Sampler):
                 seed=r.seed,
                 stop_token_ids=self._eos,
                 detokenize=False,
+                logprobs=0,  # the sampled token's only (at the sampling temperature: see _start_engine)
             )
             for r in requests
         ]
@@ -182,15 +183,21 @@ class VLLMSampler(Sampler):
         for i, out in zip(fits, outputs, strict=True):
             seq = out.outputs[0]
             # A stop on EOS keeps the EOS token as the last id, as the contract asks.
-            completions[i] = Completion(token_ids=list(seq.token_ids), finished=seq.finish_reason == "stop")
+            token_ids = list(seq.token_ids)
+            completions[i] = Completion(
+                token_ids=token_ids,
+                finished=seq.finish_reason == "stop",
+                logprobs=_sampled_logprobs(token_ids, seq.logprobs),
+            )
         return completions
 
     # ---- beyond the ABC --------------------------------------------------------------------------
 
     def prompt_logprobs(self, key: str | None, token_ids: list[int]) -> list[float]:
         """vLLM's log-probability of each token of `token_ids` after the ones before it (the first
-        token has none), under adapter `key` (None: the base model). Tests and benchmarks use it to
-        see which weights vLLM is serving."""
+        token has none), under adapter `key` (None: the base model), from the raw logits (prompt
+        log-probs skip vLLM's sampling processors, temperature included, even in its processed
+        logprobs mode). Tests and benchmarks use it to see which weights vLLM is serving."""
         from vllm import SamplingParams
 
         with self._lock:
@@ -239,6 +246,19 @@ class VLLMSampler(Sampler):
         with contextlib.suppress(Exception):
             self.llm.llm_engine.remove_lora(version.lora_int_id)
         shutil.rmtree(version.path, ignore_errors=True)
+
+
+def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float] | None:
+    """The log-probability vLLM reported for each sampled token (None if it reported none)."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        return None
+    result: list[float] = []
+    for tok, entry in zip(token_ids, logprobs, strict=True):
+        found = entry.get(tok) if entry is not None else None
+        if found is None:
+            return None
+        result.append(float(found.logprob))
+    return result
 
 
 def _safe(key: str) -> str:
@@ -308,6 +328,10 @@ def _start_engine(loaded: LoadedModel, config: EngineConfig, work_dir: Path) -> 
         enforce_eager=True,
         seed=0,
         disable_log_stats=True,
+        # Sampled tokens' log-probs from the distribution they were drawn from, log softmax(logits /
+        # temperature) in float32, as the trainer computes them (the default, raw_logprobs, would
+        # give log softmax(logits), before temperature). Prompt log-probs are unchanged by it.
+        logprobs_mode="processed_logprobs",
     )
     log.info("vLLM engine started in %.1f s", time.perf_counter() - started)
     return llm

@@ -1,9 +1,9 @@
 """The runtime's HTTP API (DESIGN.md, "Runtime HTTP API"): routes, bearer auth, error answers.
 
-Routes only validate and call the engine's thread-safe methods; the engine applies changes between
-ticks on the loop's thread. Every route is a plain `def`, which FastAPI runs on its thread pool, so a
-call that waits (DELETE waits for the current tick to end) never stalls the event loop and the
-other routes keep answering while a tick runs.
+Routes only validate and call the engine's thread-safe methods, none of which waits for a running
+tick: PUT admits into a free slot at once, DELETE removes at once or answers 202 while the tick that
+holds the experiment finishes (docs/runtime-api.md). Every route is a plain `def`, which FastAPI runs
+on its thread pool, so a slow call (a checkpoint write) never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec
+from clora.api.experiment_types import LoRAExperimentSpec
 from clora.api.runtime_api import (
     DeleteExperimentResponse,
     ErrorResponse,
@@ -30,6 +30,8 @@ from clora.api.runtime_api import (
     PushSamplesRequest,
     PushSamplesResponse,
     PutExperimentRequest,
+    RemovedExperiment,
+    RolloutList,
     Sample,
 )
 from clora.metrics import RuntimeMetrics
@@ -58,9 +60,11 @@ class EngineAPI(Protocol):
     def upsert(
         self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
     ) -> ExperimentState: ...
-    def remove(self, namespace: str, name: str) -> CheckpointRef | None: ...
+    def remove(self, namespace: str, name: str) -> DeleteExperimentResponse: ...
     def push_samples(self, namespace: str, name: str, samples: list[Sample]) -> int: ...
     def states(self) -> list[ExperimentState]: ...
+    def removed(self) -> list[RemovedExperiment]: ...
+    def rollouts(self, namespace: str, name: str, step: int | None = None) -> RolloutList: ...
     def state(self, namespace: str, name: str) -> ExperimentState: ...
 
 
@@ -215,7 +219,7 @@ def create_app(
     def list_experiments() -> ExperimentList:
         """Every experiment's status in one answer: what the operator polls."""
         require(running=False)
-        return ExperimentList(experiments=engine.states())
+        return ExperimentList(experiments=engine.states(), removed=engine.removed())
 
     @app.get(
         "/v1/experiments/{namespace}/{name}",
@@ -256,16 +260,44 @@ def create_app(
         "/v1/experiments/{namespace}/{name}",
         tags=["experiments"],
         dependencies=bearer,
+        responses={
+            202: {
+                "model": DeleteExperimentResponse,
+                "description": "Removing: the running tick"
+                " holds the experiment; its final checkpoint is written when the tick ends. DELETE"
+                " again (or read `removed` of GET /v1/experiments) to learn it.",
+            }
+        }
+        | _doc(*auth, 404, 422, 503),
+    )
+    def delete_experiment(namespace: Namespace, name: Name) -> Response:
+        """Checkpoints the experiment and frees its slot (200, with the final checkpoint), or, when the
+        running tick holds it, marks it Removing and answers 202 at once. Never waits for a tick; a
+        DELETE of an experiment removed recently answers 200 with its final checkpoint again."""
+        require(running=False)
+        answer = engine.remove(namespace, name)
+        if answer.removed:
+            with series_lock:
+                metrics.forget_experiment(namespace, name)
+        loop.wake()
+        return JSONResponse(answer.model_dump(mode="json", by_alias=True), 200 if answer.removed else 202)
+
+    @app.get(
+        "/v1/experiments/{namespace}/{name}/rollouts",
+        tags=["experiments"],
+        dependencies=bearer,
         responses=_doc(*auth, 404, 422, 503),
     )
-    def delete_experiment(namespace: Namespace, name: Name) -> DeleteExperimentResponse:
-        """Checkpoints the experiment (after the current tick), frees its slot, answers the checkpoint."""
+    def get_rollouts(
+        namespace: Namespace,
+        name: Name,
+        step: Annotated[int | None, Query(ge=0, description="The step; omitted: the newest kept")] = None,
+    ) -> RolloutList:
+        """The completions of one recent step with their prompts, rewards, advantages and the
+        sampler's and the trainer's log-probabilities. The runtime keeps the last few steps of each
+        experiment (`steps` lists them); an older step answers 404."""
         require(running=False)
-        checkpoint = engine.remove(namespace, name)
-        with series_lock:
-            metrics.forget_experiment(namespace, name)
-        loop.wake()
-        return DeleteExperimentResponse(namespace=namespace, name=name, checkpoint=checkpoint)
+        return engine.rollouts(namespace, name, step)
 
     @app.post(
         "/v1/experiments/{namespace}/{name}/samples",

@@ -1,13 +1,28 @@
-"""One optimizer step for many adapters at once: micro-batched forward/backward over rows of all of them.
+"""One RL step for many adapters at once: micro-batched forward/backward over rows of all of them.
 
 Rows of one adapter are contiguous inside every micro-batch (the multi-LoRA layers need segments).
 Each adapter's loss is normalised by its own rows and tokens (weights computed over the whole step
 before micro-batching, so the split does not change the loss), its gradients are clipped on their
-own, and an adapter whose loss or gradients are not finite is reported failed and not stepped.
+own, and an adapter whose gradients are not finite is reported failed and not stepped.
+
+A step is `updates` optimizer updates over the same sampled rows (PPO epochs, TRL's num_iterations):
+the old log-probabilities of the clipped ratio are the sampling policy's, i.e. those of the first
+update (same weights as at sampling), so the ratio is 1 on the first update and clipping acts from
+the second on. Log-probabilities are taken at each row's sampling temperature (logits / T), as the
+sampler drew the tokens.
+
+Failures stay with their adapter: when a packed forward/backward raises (an out-of-memory, a bad
+row), the update is redone adapter by adapter; an adapter that fails alone is reported failed and
+left out, the others step. Only when every adapter fails alone is the error the base model's, and
+it is raised.
+
+The hot loop does no per-token host work: per-token advantages, weights and owners are expanded on
+the device, and losses and statistics come back to the host once per update.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,138 +47,352 @@ class TrainRow:
     completion_ids: list[int]
     advantage: float
     token_weight: float  # from grpo.sequence_weights
+    temperature: float = 1.0  # the sampling temperature: log-probs are taken from logits / temperature
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterHyper:
-    clip_epsilon: float
+    """One adapter's settings for one step, fixed when the step was planned."""
+
+    slot: int
+    clip_low: float
+    clip_high: float
     kl_coef: float
     learning_rate: float
-    dropout_seed: int  # seeds this step's LoRA dropout masks
+    dropout_seed: int  # seeds this step's LoRA dropout masks (update u uses dropout_seed + u)
+    updates: int = 1
 
 
 @dataclass
 class AdapterStepResult:
-    loss: float = 0.0
-    tokens: int = 0
-    grad_norm: float = 0.0
+    losses: list[float] = field(default_factory=list)  # one per update done
+    grad_norms: list[float] = field(default_factory=list)  # before clipping, one per update done
+    clip_fractions: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)  # mean per-token KL, when a reference was computed
+    entropy: float | None = None  # mean token entropy at the first update
+    tokens: int = 0  # completion tokens of one update
     error: str | None = None  # set when this adapter failed this step (not stepped)
-    logprobs: list[torch.Tensor] = field(default_factory=list)  # only with Trainer.record_logprobs
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
 @dataclass
 class StepResult:
     adapters: dict[str, AdapterStepResult] = field(default_factory=dict)
-    tokens: int = 0
+    tokens: int = 0  # tokens through a training forward/backward, over every update
+    row_logprobs: list[float] = field(default_factory=list)  # per input row: sum of first-update log-probs
+    token_logprobs: list[torch.Tensor] = field(default_factory=list)  # per input row, with record_logprobs
 
 
 class Trainer:
     def __init__(self, bank: AdapterBank, micro_batch_tokens: int) -> None:
         self.bank = bank
         self.micro_batch_tokens = micro_batch_tokens
-        self.record_logprobs = False  # keep each adapter's token log-probabilities (tests, debugging)
-        # Called between chunks of the LM head, the longest stretch of a training forward outside the
-        # decoder layers (the engine's join point; the layers have their own hooks).
-        self.pause: Callable[[], None] | None = None
+        self.record_logprobs = False  # keep each row's token log-probabilities (tests, debugging)
+        # Called after an update's backward, before its gradients are clipped and applied: (key,
+        # update index). Tests read the gradients there.
+        self.before_optimizer_step: Callable[[str, int], None] | None = None
+        # Called before each micro-batch with the adapters whose rows it holds (tests inject faults).
+        self.fault_hook: Callable[[list[str]], None] | None = None
 
-    def micro_batches(self, rows: list[TrainRow]) -> list[list[TrainRow]]:
-        """Rows ordered by (slot, prompt) so each adapter's rows, and each group, are contiguous; cut so
-        that the padded tokens (unique prompts x longest prompt + rows x longest completion) fit."""
-        slot = {k: a.slot for k, a in self.bank.adapters.items()}
-        ordered = sorted(rows, key=lambda r: (slot[r.key], r.prompt_ids))
-        batches: list[list[TrainRow]] = []
-        current: list[TrainRow] = []
-        for row in ordered:
-            if current and _padded_tokens([*current, row]) > self.micro_batch_tokens:
+    def micro_batches(self, rows: list[TrainRow], slot: dict[str, int], chosen: list[int]) -> list[list[int]]:
+        """Indices (from `chosen`) of rows ordered by (slot, prompt) so each adapter's rows, and each
+        group, are contiguous; cut so that the padded tokens (unique prompts x longest prompt + rows x
+        longest completion) fit."""
+        ordered = sorted(chosen, key=lambda i: (slot[rows[i].key], rows[i].prompt_ids))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in ordered:
+            if current and _padded_tokens([rows[j] for j in [*current, i]]) > self.micro_batch_tokens:
                 batches.append(current)
                 current = []
-            current.append(row)
+            current.append(i)
         if current:
             batches.append(current)
         return batches
 
+    @torch.no_grad()
+    def token_logprobs(self, rows: list[TrainRow], slots: dict[str, int]) -> list[torch.Tensor]:
+        """log p(token) of every completion token of each row under its adapter (no dropout), at the
+        row's temperature; one tensor per row, in row order."""
+        device = next(self.bank.model.parameters()).device
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for batch in self.micro_batches(rows, slots, list(range(len(rows)))):
+            chosen = [rows[i] for i in batch]
+            prepared = _Prepared.build(chosen, [slots[r.key] for r in chosen], device)
+            logp, _ = prepared.token_logprobs(self.bank, adapters_on=True)
+            for i, part in zip(batch, logp.split(prepared.lengths), strict=True):
+                out[i] = part
+        return out
+
     def step(self, rows: list[TrainRow], hyper: dict[str, AdapterHyper]) -> StepResult:
-        bank = self.bank
         keys = sorted({r.key for r in rows})
-        adapters: dict[str, Adapter] = {k: bank.adapters[k] for k in keys}
+        adapters: dict[str, Adapter] = {k: self.bank.adapters[k] for k in keys}
         result = StepResult(adapters={k: AdapterStepResult() for k in keys})
-        for adapter in adapters.values():
-            adapter.optimizer.zero_grad(set_to_none=True)
-        device = next(bank.model.parameters()).device
-        generators = {
-            adapters[k].slot: torch.Generator(device=device).manual_seed(hyper[k].dropout_seed) for k in keys
-        }
-        for batch in self.micro_batches(rows):
-            self._forward_backward(batch, adapters, hyper, result, generators, device)
-        for key, adapter in adapters.items():
-            res = result.adapters[key]
-            if res.error is None:
-                params = adapter.parameters()
-                norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                res.grad_norm = float(norm)
-                if not math.isfinite(res.grad_norm):
-                    res.error = f"non-finite gradient norm ({res.grad_norm}) at this step"
-            if res.error is not None:
-                adapter.optimizer.zero_grad(set_to_none=True)
-                continue
-            for group in adapter.optimizer.param_groups:
-                group["lr"] = hyper[key].learning_rate
-            adapter.optimizer.step()
-            adapter.optimizer.zero_grad(set_to_none=True)
+        memo = _Memo(rows, device=next(self.bank.model.parameters()).device)
+        for update in range(max((hyper[k].updates for k in keys), default=0)):
+            active = [k for k in keys if hyper[k].updates > update and result.adapters[k].error is None]
+            if not active:
+                break
+            try:
+                sums = self._update(memo, active, adapters, hyper, update)
+            except Exception as err:  # attributed below, adapter by adapter
+                sums = self._update_alone(memo, active, adapters, hyper, update, err)
+            self._apply(active, adapters, hyper, update, sums, result)
+        result.tokens = memo.tokens_trained
+        result.row_logprobs = memo.row_sums()
+        if self.record_logprobs:
+            result.token_logprobs = [t if t is not None else torch.empty(0) for t in memo.old]
         return result
+
+    # ---- one update -------------------------------------------------------------------------------
+
+    def _update(
+        self,
+        memo: _Memo,
+        active: list[str],
+        adapters: dict[str, Adapter],
+        hyper: dict[str, AdapterHyper],
+        update: int,
+    ) -> dict[str, _Sums]:
+        """Forward/backward of the rows of the adapters in `active`, micro-batch by micro-batch; their
+        gradients are accumulated (applied by _apply). Returns per-adapter device sums."""
+        for key in active:
+            adapters[key].optimizer.zero_grad(set_to_none=True)
+        device = memo.device
+        generators = {
+            hyper[k].slot: torch.Generator(device=device).manual_seed(hyper[k].dropout_seed + update)
+            for k in active
+        }
+        slots = {k: hyper[k].slot for k in active}
+        wanted = set(active)
+        chosen = [i for i, r in enumerate(memo.rows) if r.key in wanted]
+        sums: dict[str, _Sums] = {}
+        for batch in self.micro_batches(memo.rows, slots, chosen):
+            batch_rows = [memo.rows[i] for i in batch]
+            if self.fault_hook is not None:
+                self.fault_hook(sorted({r.key for r in batch_rows}))
+            prep = _Prepared.build(batch_rows, [slots[r.key] for r in batch_rows], device)
+            self._forward_backward(prep, batch, hyper, update, memo, generators, sums)
+        return sums
+
+    def _update_alone(
+        self,
+        memo: _Memo,
+        active: list[str],
+        adapters: dict[str, Adapter],
+        hyper: dict[str, AdapterHyper],
+        update: int,
+        packed_error: Exception,
+    ) -> dict[str, _Sums]:
+        """The packed update raised: redo it one adapter at a time, so that only an adapter whose own
+        rows fail is failed. Raises the packed error when every adapter fails alone (the base model)."""
+        free_memory(memo.device)
+        sums: dict[str, _Sums] = {}
+        failures: dict[str, str] = {}
+        for key in active:
+            try:
+                sums.update(self._update(memo, [key], adapters, hyper, update))
+            except Exception as err:  # this adapter's own failure
+                adapters[key].optimizer.zero_grad(set_to_none=True)
+                failures[key] = f"training failed: {type(err).__name__}: {err}"
+                free_memory(memo.device)
+        if len(failures) == len(active):
+            raise packed_error
+        for key, message in failures.items():
+            sums[key] = _Sums(error=message)
+        return sums
 
     def _forward_backward(
         self,
-        batch: list[TrainRow],
-        adapters: dict[str, Adapter],
+        prep: _Prepared,
+        batch: list[int],
         hyper: dict[str, AdapterHyper],
-        result: StepResult,
+        update: int,
+        memo: _Memo,
         generators: dict[int, torch.Generator],
-        device: torch.device,
+        sums: dict[str, _Sums],
     ) -> None:
-        prepared = _Prepared.build(batch, [adapters[r.key].slot for r in batch], device)
+        first = update == 0
         ref_logp = None
-        if any(hyper[r.key].kl_coef > 0 for r in batch):
-            with torch.no_grad():  # the reference is the base model: every adapter off
-                ref_logp = prepared.token_logprobs(self.bank, adapters_on=False)
-        logp = prepared.token_logprobs(self.bank, adapters_on=True, generators=generators, pause=self.pause)
-        weight_t = torch.tensor(
-            [r.token_weight for r in batch for _ in r.completion_ids], device=device, dtype=torch.float32
+        if any(hyper[k].kl_coef > 0 for k, _, _ in prep.token_segments):
+            # The reference (the base model, every adapter off) does not change between updates.
+            ref_logp = memo.gather(memo.ref, batch)
+            if ref_logp is None:
+                with torch.no_grad():
+                    ref_logp, _ = prep.token_logprobs(self.bank, adapters_on=False)
+                memo.scatter(memo.ref, batch, ref_logp, prep.lengths)
+        logp, entropy = prep.token_logprobs(
+            self.bank, adapters_on=True, generators=generators, with_entropy=first
         )
-        adv_t = torch.tensor([r.advantage for r in batch for _ in r.completion_ids], device=device)
-        # Per-token owner, to cut the loss per adapter (rows of one adapter are contiguous).
-        owner = [r.key for r in batch for _ in r.completion_ids]
+        if first:
+            old_logp = logp.detach()  # the sampling policy: same weights as at sampling
+            memo.scatter(memo.old, batch, old_logp, prep.lengths)
+        else:
+            old_logp = memo.gather(memo.old, batch)
+            assert old_logp is not None, "a later update before the first"
         total: torch.Tensor | None = None
-        start = 0
-        while start < len(owner):
-            key = owner[start]
-            end = start
-            while end < len(owner) and owner[end] == key:
-                end += 1
+        for key, start, end in prep.token_segments:
             h = hyper[key]
-            res = result.adapters[key]
             part = token_losses(
                 logp[start:end],
-                logp[start:end].detach(),  # on-policy: one optimizer step per sampled batch
-                adv_t[start:end],
-                h.clip_epsilon,
+                old_logp[start:end],
+                prep.advantages[start:end],
+                h.clip_low,
+                h.clip_high,
                 None if ref_logp is None else ref_logp[start:end],
                 h.kl_coef,
             )
-            loss = (part * weight_t[start:end]).sum()
-            value = float(loss.detach())
-            res.tokens += end - start
-            result.tokens += end - start
-            if self.record_logprobs:
-                res.logprobs.append(logp[start:end].detach().clone())
-            if res.error is None and not math.isfinite(value):
-                res.error = f"non-finite loss ({value}) at this step"
-            if res.error is None:
-                res.loss += value
-                total = loss if total is None else total + loss
-            start = end
+            loss = (part.loss * prep.weights[start:end]).sum()
+            acc = sums.setdefault(key, _Sums())
+            acc.add(
+                loss.detach(),
+                part.clipped.sum(),
+                None if part.kl is None else part.kl.sum(),
+                None if entropy is None else entropy[start:end].sum(),
+                end - start,
+            )
+            total = loss if total is None else total + loss
+        memo.tokens_trained += prep.tokens
         if total is not None:
             total.backward()
+
+    def _apply(
+        self,
+        active: list[str],
+        adapters: dict[str, Adapter],
+        hyper: dict[str, AdapterHyper],
+        update: int,
+        sums: dict[str, _Sums],
+        result: StepResult,
+    ) -> None:
+        """Clip and apply each adapter's gradients; the statistics come to the host in one transfer."""
+        norms: dict[str, torch.Tensor] = {}
+        for key in active:
+            acc = sums.get(key)
+            if acc is None or acc.error is not None:
+                result.adapters[key].error = acc.error if acc else "no rows trained"
+                continue
+            if self.before_optimizer_step is not None:
+                self.before_optimizer_step(key, update)
+            norms[key] = torch.nn.utils.clip_grad_norm_(adapters[key].parameters(), MAX_GRAD_NORM)
+        order = list(norms)
+        numbers = (
+            torch.stack([v for k in order for v in (norms[k], *sums[k].values())]).tolist() if order else []
+        )
+        width = 5
+        for i, key in enumerate(order):
+            norm, loss, clipped, kl, entropy = numbers[i * width : (i + 1) * width]
+            res, acc = result.adapters[key], sums[key]
+            tokens = max(acc.tokens, 1)
+            res.tokens = acc.tokens
+            res.losses.append(loss)
+            res.grad_norms.append(norm)
+            res.clip_fractions.append(clipped / tokens)
+            if acc.kl is not None:
+                res.kls.append(kl / tokens)
+            if acc.entropy is not None:
+                res.entropy = entropy / tokens
+            if not (math.isfinite(norm) and math.isfinite(loss)):
+                res.error = f"non-finite loss ({loss}) or gradient norm ({norm}) at this step"
+        for key in active:
+            adapter, res = adapters[key], result.adapters[key]
+            if res.error is None:
+                for group in adapter.optimizer.param_groups:
+                    group["lr"] = hyper[key].learning_rate
+                adapter.optimizer.step()
+            adapter.optimizer.zero_grad(set_to_none=True)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what a failed computation held (its tensors die with its frames)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Sums:
+    """One adapter's sums over the tokens of one update, as device tensors until _apply reads them."""
+
+    loss: torch.Tensor | None = None
+    clipped: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    tokens: int = 0
+    error: str | None = None
+
+    def add(
+        self,
+        loss: torch.Tensor,
+        clipped: torch.Tensor,
+        kl: torch.Tensor | None,
+        entropy: torch.Tensor | None,
+        tokens: int,
+    ) -> None:
+        self.loss = _plus(self.loss, loss)
+        self.clipped = _plus(self.clipped, clipped)
+        self.kl = _plus(self.kl, kl)
+        self.entropy = _plus(self.entropy, entropy)
+        self.tokens += tokens
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        """loss, clipped tokens, KL sum, entropy sum (zero where absent), as float32 scalars."""
+        assert self.loss is not None
+        zero = torch.zeros((), dtype=torch.float32, device=self.loss.device)
+        return tuple(
+            v.float() if v is not None else zero for v in (self.loss, self.clipped, self.kl, self.entropy)
+        )
+
+
+def _plus(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+class _Memo:
+    """The rows of one step and what the first update leaves for the later ones, per row: the
+    sampling policy's log-probs (the ratio's denominator) and the reference's."""
+
+    def __init__(self, rows: list[TrainRow], device: torch.device) -> None:
+        self.rows = rows
+        self.device = device
+        self.old: list[torch.Tensor | None] = [None] * len(rows)
+        self.ref: list[torch.Tensor | None] = [None] * len(rows)
+        self.tokens_trained = 0
+
+    @staticmethod
+    def gather(store: list[torch.Tensor | None], batch: list[int]) -> torch.Tensor | None:
+        parts = [store[i] for i in batch]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat(parts)  # type: ignore[arg-type]
+
+    @staticmethod
+    def scatter(
+        store: list[torch.Tensor | None], batch: list[int], values: torch.Tensor, lengths: list[int]
+    ) -> None:
+        for i, part in zip(batch, values.split(lengths), strict=True):
+            store[i] = part
+
+    def row_sums(self) -> list[float]:
+        """Per row, the sum of its first-update log-probs (NaN for a row never trained)."""
+        done = [i for i, t in enumerate(self.old) if t is not None]
+        out = [float("nan")] * len(self.rows)
+        if not done:
+            return out
+        flat = torch.cat([self.old[i] for i in done])  # type: ignore[misc]
+        lengths = torch.tensor([len(self.rows[i].completion_ids) for i in done], device=flat.device)
+        owner = torch.repeat_interleave(torch.arange(len(done), device=flat.device), lengths)
+        sums = torch.zeros(len(done), dtype=torch.float32, device=flat.device).index_add_(
+            0, owner, flat.float()
+        )
+        for i, value in zip(done, sums.tolist(), strict=True):
+            out[i] = value
+        return out
 
 
 def unique_prompts(
@@ -218,7 +447,9 @@ class _Prepared:
 
     Prompts of one adapter mostly share a long head (the chat template's system turn): when every
     adapter of the micro-batch has one, that prefix is run once per adapter first and each prompt runs
-    only its own tail on top of it (its cache repeated per prompt, as the prompts' is per row)."""
+    only its own tail on top of it (its cache repeated per prompt, as the prompts' is per row).
+
+    Per-token tensors (advantages, weights, temperatures) are expanded from per-row ones on the device."""
 
     prefix_ids: torch.Tensor | None  # [S, Lx], left-padded: one shared prefix per adapter, or None
     prefix_mask: torch.Tensor | None  # [S, Lx]
@@ -229,13 +460,19 @@ class _Prepared:
     prompt_slots: list[int]
     source: torch.Tensor  # [R]: the unique prompt of each row
     completion_ids: torch.Tensor  # [R, Lc], right-padded
-    completion_mask: torch.Tensor  # [R, Lc]
+    completion_mask: torch.Tensor  # [R, Lc] bool
     row_slots: list[int]
-    first_rows: torch.Tensor  # rows of every completion token j == 0 (predicted from the prompt)
-    rest_rows: torch.Tensor  # (row, j - 1) of every completion token j >= 1
-    rest_cols: torch.Tensor
-    is_first: torch.Tensor  # [N] bool, in token order (row by row)
-    targets: torch.Tensor  # [N]
+    lengths: list[int]  # completion tokens of each row
+    row_keys: list[str]
+    token_segments: list[tuple[str, int, int]]  # (adapter, start, end) in token order, contiguous
+    targets: torch.Tensor  # [N] completion tokens, row by row
+    advantages: torch.Tensor  # [N]
+    weights: torch.Tensor  # [N]
+    temperatures: torch.Tensor  # [N]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.targets.shape[0])
 
     @classmethod
     def build(cls, batch: list[TrainRow], slots: list[int], device: torch.device) -> _Prepared:
@@ -243,55 +480,48 @@ class _Prepared:
         prefixes = shared_prefixes(unique)
         prefix_ids = prefix_mask = prefix_source = None
         prefix_slots: list[int] = []
-        tails = [prompt for _, prompt in unique]
+        tails = [list(prompt) for _, prompt in unique]
         if prefixes is not None:
             prefix_slots = list(prefixes)
-            lx = max(prefixes.values())
-            prefix_ids = torch.zeros((len(prefix_slots), lx), dtype=torch.long)
-            prefix_mask = torch.zeros((len(prefix_slots), lx), dtype=torch.long)
-            for i, slot in enumerate(prefix_slots):
-                head = next(p for s, p in unique if s == slot)[: prefixes[slot]]
-                prefix_ids[i, lx - len(head) :] = torch.tensor(head)
-                prefix_mask[i, lx - len(head) :] = 1
+            heads = [next(p for s, p in unique if s == slot)[: prefixes[slot]] for slot in prefix_slots]
+            prefix_ids, prefix_mask = _padded(heads, device, left=True)
             prefix_source = torch.tensor([prefix_slots.index(s) for s, _ in unique], device=device)
-            tails = [prompt[prefixes[slot] :] for slot, prompt in unique]
-            prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
-        lp = max(len(t) for t in tails)
-        lc = max(len(r.completion_ids) for r in batch)
-        prompt_ids = torch.zeros((len(unique), lp), dtype=torch.long)
-        prompt_mask = torch.zeros((len(unique), lp), dtype=torch.long)
-        for i, tail in enumerate(tails):
-            prompt_ids[i, lp - len(tail) :] = torch.tensor(tail)
-            prompt_mask[i, lp - len(tail) :] = 1
-        completion_ids = torch.zeros((len(batch), lc), dtype=torch.long)
-        completion_mask = torch.zeros((len(batch), lc), dtype=torch.long)
-        first_rows, rest_rows, rest_cols, is_first, targets = [], [], [], [], []
-        for i, row in enumerate(batch):
-            m = len(row.completion_ids)
-            completion_ids[i, :m] = torch.tensor(row.completion_ids)
-            completion_mask[i, :m] = 1
-            first_rows.append(i)
-            rest_rows.extend([i] * (m - 1))
-            rest_cols.extend(range(m - 1))
-            is_first.extend([True] + [False] * (m - 1))
-            targets.extend(row.completion_ids)
+            tails = [list(prompt[prefixes[slot] :]) for slot, prompt in unique]
+        prompt_ids, prompt_mask = _padded(tails, device, left=True)
+        completion_ids, completion_mask = _padded([r.completion_ids for r in batch], device, left=False)
+        lengths = [len(r.completion_ids) for r in batch]
+        per_token = torch.tensor(lengths, device=device)
+        segments: list[tuple[str, int, int]] = []
+        start = 0
+        for row, n in zip(batch, lengths, strict=True):
+            if segments and segments[-1][0] == row.key:
+                segments[-1] = (row.key, segments[-1][1], start + n)
+            else:
+                segments.append((row.key, start, start + n))
+            start += n
+
+        def expand(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(per_token)
+
         return cls(
             prefix_ids=prefix_ids,
             prefix_mask=prefix_mask,
             prefix_slots=prefix_slots,
             prefix_source=prefix_source,
-            prompt_ids=prompt_ids.to(device),
-            prompt_mask=prompt_mask.to(device),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
             prompt_slots=[s for s, _ in unique],
             source=torch.tensor(source, device=device),
-            completion_ids=completion_ids.to(device),
-            completion_mask=completion_mask.to(device),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask.bool(),
             row_slots=list(slots),
-            first_rows=torch.tensor(first_rows, device=device),
-            rest_rows=torch.tensor(rest_rows, device=device, dtype=torch.long),
-            rest_cols=torch.tensor(rest_cols, device=device, dtype=torch.long),
-            is_first=torch.tensor(is_first, device=device),
-            targets=torch.tensor(targets, device=device),
+            lengths=lengths,
+            row_keys=[r.key for r in batch],
+            token_segments=segments,
+            targets=completion_ids[completion_mask.bool()],
+            advantages=expand([r.advantage for r in batch]),
+            weights=expand([r.token_weight for r in batch]),
+            temperatures=expand([r.temperature for r in batch]),
         )
 
     def token_logprobs(
@@ -299,10 +529,11 @@ class _Prepared:
         bank: AdapterBank,
         adapters_on: bool,
         generators: dict[int, torch.Generator] | None = None,
-        pause: Callable[[], None] | None = None,
-    ) -> torch.Tensor:
-        """log p(token) of every completion token, in row order: with each row's adapter (training,
-        dropout on), or with every adapter off (the base model, the KL reference)."""
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log p(token) of every completion token, in row order, at each row's temperature: with each
+        row's adapter (in training with dropout, when generators are given), or with every adapter off
+        (the base model, the KL reference); and the policy's entropy at each token if asked."""
         from transformers import DynamicCache
 
         model = bank.model
@@ -312,7 +543,7 @@ class _Prepared:
         prompt_mask = self.prompt_mask
 
         def run(slots: list[int], **kwargs: torch.Tensor | DynamicCache | bool) -> torch.Tensor:
-            plan = BatchPlan.from_slots(slots, training=True) if adapters_on else None
+            plan = BatchPlan.from_slots(slots, training=generators is not None) if adapters_on else None
             if plan is not None and generators is not None:
                 plan.dropout_generators = generators
             with bank.plan(plan):
@@ -340,7 +571,7 @@ class _Prepared:
             use_cache=True,
         )
         cache.batch_select_indices(self.source)  # each row continues from its group's prompt
-        mask = torch.cat([prompt_mask[self.source], self.completion_mask], dim=1)
+        mask = torch.cat([prompt_mask[self.source], self.completion_mask.long()], dim=1)
         start = prompt_mask.sum(-1)[self.source]
         positions = start.unsqueeze(1) + torch.arange(self.completion_ids.shape[1], device=start.device)
         hc = run(
@@ -351,12 +582,26 @@ class _Prepared:
             past_key_values=cache,
             use_cache=True,
         )
-        first = hp[self.source[self.first_rows], -1]  # [R, H]
-        rest = hc[self.rest_rows, self.rest_cols]  # [N - R, H]
-        hidden = torch.empty((self.targets.shape[0], first.shape[-1]), dtype=first.dtype, device=first.device)
-        hidden = hidden.index_put((self.is_first.nonzero().squeeze(1),), first)
-        hidden = hidden.index_put(((~self.is_first).nonzero().squeeze(1),), rest)
-        return target_logprobs(hidden, model.get_output_embeddings(), self.targets, pause)
+        # Completion token j of a row is predicted from the prompt's last position (j == 0) or from
+        # completion position j - 1.
+        first = hp[self.source, -1].unsqueeze(1)  # [R, 1, H]
+        hidden = torch.cat([first, hc[:, :-1]], dim=1)[self.completion_mask]  # [N, H]
+        return target_logprobs(
+            hidden, model.get_output_embeddings(), self.targets, self.temperatures, with_entropy
+        )
+
+
+def _padded(seqs: list[list[int]], device: torch.device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask [len(seqs), longest], aligned on the right (left padding) or the left."""
+    width = max(len(q) for q in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        if q:
+            cols = slice(width - len(q), width) if left else slice(0, len(q))
+            ids[i, cols] = torch.tensor(q)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
 
 
 # Token rows per chunk of the LM head: logits of [chunk, vocab] floats (about 16 MiB) at a time.
@@ -367,14 +612,17 @@ def target_logprobs(
     hidden: torch.Tensor,
     head: torch.nn.Module,
     targets: torch.Tensor,
-    pause: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """log softmax(head(hidden))[target] for each row of hidden [N, H], in float32; `pause` is called
-    between chunks.
+    temperatures: torch.Tensor | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(head(hidden) / T)[target] for each row of hidden [N, H], in float32, and (if asked)
+    the entropy of each row's distribution (no gradient). T is per row (None: 1).
 
     A frozen bias-free linear head (every decoder-only LM here) goes through _TargetLogProb, which never
     holds the [N, vocab] logits; anything else falls back to plain autograd.
     """
+    if temperatures is None:
+        temperatures = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     weight = getattr(head, "weight", None)
     plain = (
         not isinstance(head, torch.nn.Linear)
@@ -383,20 +631,27 @@ def target_logprobs(
         or weight.requires_grad
     )
     if plain:
-        logits = head(hidden).float()
-        return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        logits = head(hidden).float() / temperatures.unsqueeze(1)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(1, targets.unsqueeze(1)).squeeze(1), entropy
     chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
-    return _TargetLogProb.apply(hidden, weight, targets, chunk, pause)
+    logp, entropy = _TargetLogProb.apply(hidden, weight, targets, temperatures, chunk, with_entropy)
+    return logp, entropy if with_entropy else None
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """log p(target) under softmax(hidden @ W.T), chunked over rows, W frozen.
+    """log p(target) under softmax(hidden @ W.T / T), chunked over rows, W frozen.
 
     Autograd through logits + logsumexp + gather keeps [N, vocab] tensors alive and makes several
     passes over them in the backward (on the tiny model they are most of a training step). The
-    gradient needs far less: d log p(t) / d h = W[t] - E_p[W] = W[t] - softmax(h W^T) @ W. The forward
-    computes E_p[W] ([N, H]) chunk by chunk while each chunk's probabilities are at hand and saves only
-    that; the backward is one gather and a subtraction.
+    gradient needs far less: d log p(t) / d h = (W[t] - E_p[W]) / T = (W[t] - softmax(h W^T / T) @ W) / T.
+    The forward computes E_p[W] ([N, H]) chunk by chunk while each chunk's probabilities are at hand
+    and saves only that; the backward is one gather and a subtraction. The entropy
+    log Z - E_p[logits / T] comes from the same chunk at the cost of one reduction.
     """
 
     @staticmethod
@@ -405,36 +660,47 @@ class _TargetLogProb(torch.autograd.Function):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
+        temperatures: torch.Tensor,
         chunk: int,
-        pause: Callable[[], None] | None,
-    ) -> torch.Tensor:
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         need_grad = ctx.needs_input_grad[0]
-        expected = torch.empty((n, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+        expected = torch.empty(
+            (n, hidden.shape[1]) if need_grad else (0,), dtype=torch.float32, device=hidden.device
+        )
         for start in range(0, n, chunk):
-            if start and pause is not None:
-                pause()
             end = min(start + chunk, n)
-            logits = (hidden[start:end] @ weight.T).float()  # [c, V]
+            logits = (
+                (hidden[start:end] @ weight.T).float().div_(temperatures[start:end].unsqueeze(1))
+            )  # [c, V]
             target = logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
             peak = logits.amax(dim=1, keepdim=True)
-            weights = logits.sub_(peak).exp_()  # in place: unnormalised probabilities
+            shifted = logits.sub_(peak)  # in place
+            # unnormalised probabilities, in place too unless the entropy still needs `shifted`
+            weights = shifted.exp() if with_entropy else shifted.exp_()
             total = weights.sum(dim=1)
             out[start:end] = target - peak.squeeze(1) - total.log()
+            if with_entropy:
+                entropy[start:end] = total.log() - (weights * shifted).sum(dim=1) / total
             if need_grad:
                 mixed = (weights.to(weight.dtype) @ weight).float()
                 expected[start:end] = mixed / total.unsqueeze(1)
-        ctx.save_for_backward(expected if need_grad else None, weight, targets)
+        ctx.save_for_backward(expected, weight, targets, temperatures)
+        ctx.need_grad = need_grad
         ctx.hidden_dtype = hidden.dtype
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None, None]:
-        expected, weight, targets = ctx.saved_tensors
-        if expected is None:
-            return None, None, None, None, None
-        grad_hidden = grad.unsqueeze(1) * (weight[targets].float() - expected)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _grad_entropy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
+        expected, weight, targets, temperatures = ctx.saved_tensors
+        if not ctx.need_grad:
+            return None, None, None, None, None, None
+        scale = (grad / temperatures).unsqueeze(1)
+        grad_hidden = scale * (weight[targets].float() - expected)
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None
