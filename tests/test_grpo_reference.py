@@ -6,7 +6,7 @@ rewards) and the test recomputes, for every update of the step, the adapter's lo
 every LoRA A and B from its own formulas:
 
 - log-probs: logp = log softmax(logits / T)[token] under the base model plus the adapter, computed on
-  a separate, unwrapped copy of the base model with the LoRA added by forward hooks,
+  a separate, unwrapped copy of the base model in float64 with the LoRA added by forward hooks,
   y = W x + (alpha / r) B A x (PEFT's LoRA, dropout 0); ref = the same copy with the adapter off.
 - advantages (DeepSeekMath; Dr. GRPO; DAPO): grpo, dapo A = (r - mean) / (std + 1e-4), unbiased std;
   dr_grpo A = r - mean.
@@ -57,7 +57,8 @@ class Setup:
 
 
 class ReferenceModel:
-    """An unwrapped copy of the base model; `weights` (module name -> (A, B)) adds a LoRA by hooks."""
+    """An unwrapped float64 copy of the base model; `weights` (module name -> (A, B)) adds a LoRA by
+    hooks."""
 
     def __init__(self, model: nn.Module, scale: float) -> None:
         self.model = model
@@ -92,7 +93,8 @@ class ReferenceModel:
             out = []
             for prompt, completion in rows:
                 ids = torch.tensor([prompt + completion])
-                logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+                # the logits at the last prompt position and every completion position but the last
+                logits = self.model(input_ids=ids, logits_to_keep=len(completion) + 1).logits[0, :-1]
                 logp = torch.log_softmax(logits / TEMPERATURE, dim=-1)
                 out.append(logp.gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1))
             return out
@@ -108,7 +110,7 @@ def reference_loss(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(loss, the same sum over |per-token terms| (the scale of its rounding), clipped fraction, mean KL)."""
-    rewards = torch.tensor(REWARDS)
+    rewards = torch.tensor(REWARDS, dtype=torch.float64)
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if loss_type in ("grpo", "dapo"):
         advantages = centred / (rewards.std(dim=1, keepdim=True) + ADV_EPS)
@@ -126,7 +128,7 @@ def reference_loss(
         clipped += float((clipped_obj < unclipped).sum())  # the min takes the clipped (flat) branch
         delta = ref[i] - logp[i]
         kl = torch.exp(delta) - delta - 1.0
-        kl_sum += float(kl.sum())
+        kl_sum += float(kl.detach().sum())
         token_loss.append(-torch.minimum(unclipped, clipped_obj) + beta * kl)
 
     def aggregate(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -149,20 +151,28 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     from clora_runtime.config import EngineConfig
     from clora_runtime.engine import Engine
 
+    # One thread: the tiny model's matrices are too small to gain from more, and on a busy 2-core
+    # machine torch's second thread waiting at every op's barrier made this file ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     engine = Engine(
         EngineConfig(model="tiny", device="cpu", checkpoint_dir=tmp_path_factory.mktemp("ckpt")),
         RuntimeMetrics.create(),
     )
     engine.load()
     assert engine.base.dtype == torch.float32
-    # The reference's own copy of the base weights, plain transformers (eager attention), not wrapped.
+    # The reference's own copy of the base weights, plain transformers (eager attention), not wrapped,
+    # in float64 so that what the comparison sees is clora's float32 rounding alone.
     model = AutoModelForCausalLM.from_pretrained(
-        Path(engine.base.path), dtype=torch.float32, attn_implementation="eager"
+        Path(engine.base.path), dtype=torch.float64, attn_implementation="eager"
     )
     model.eval().requires_grad_(False)
     tokenizer = engine.base.tokenizer
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    yield Setup(engine=engine, reference=ReferenceModel(model, ALPHA / RANK), prompts=prompts)
+    try:
+        yield Setup(engine=engine, reference=ReferenceModel(model, ALPHA / RANK), prompts=prompts)
+    finally:
+        torch.set_num_threads(threads)
 
 
 LOSS_TYPES = ["grpo", "dr_grpo", "dapo"]
@@ -182,7 +192,9 @@ def test_loss_and_gradients_match_the_reference(
     engine = setup.engine
     bank, trainer = engine.bank, engine.trainer
     key = f"ref/{loss_type}-{updates}-{kl_coef}"
-    adapter = bank.add(key, AdapterShape(RANK, ALPHA, dropout=0.0, target_modules="all-linear"), 7, LEARNING_RATE)
+    adapter = bank.add(
+        key, AdapterShape(RANK, ALPHA, dropout=0.0, target_modules="all-linear"), 7, LEARNING_RATE
+    )
     try:
         assert sorted(adapter.modules) == sorted(setup.reference.linears)
         gen = torch.Generator().manual_seed(11)
@@ -235,10 +247,13 @@ def test_loss_and_gradients_match_the_reference(
             )
 
         trainer.before_optimizer_step = capture
+        trainer.record_logprobs = True
         try:
-            result = trainer.step(rows, {key: hyper}).adapters[key]
+            step = trainer.step(rows, {key: hyper})
         finally:
             trainer.before_optimizer_step = None
+            trainer.record_logprobs = False
+        result = step.adapters[key]
         assert result.error is None
         assert len(result.losses) == len(seen) == updates
 
@@ -251,7 +266,7 @@ def test_loss_and_gradients_match_the_reference(
         clipped_fractions = []
         for update, snapshot in enumerate(seen):
             leaves = {
-                name: (a.clone().requires_grad_(True), b.clone().requires_grad_(True))
+                name: (a.double().requires_grad_(True), b.double().requires_grad_(True))
                 for name, (a, b, _, _) in snapshot.items()
             }
             with torch.enable_grad():
@@ -262,11 +277,31 @@ def test_loss_and_gradients_match_the_reference(
                 params = [p for name in adapter.modules for p in leaves[name]]
                 grads = torch.autograd.grad(loss, params)
             clipped_fractions.append(clipped)
+            if update == 0:
+                # The reference's sampling policy is the one the sampler drew the tokens from, and the
+                # one whose log-probs clora's trainer keeps as the ratio's denominator. Log-probs are
+                # ~ -11 here (a near-uniform 49152-token vocabulary): float32 keeps them to ~1e-6.
+                for c, n, x, kept in zip(completions, lengths, old, step.token_logprobs, strict=True):
+                    assert c.logprobs is not None
+                    torch.testing.assert_close(
+                        torch.tensor(c.logprobs[:n], dtype=x.dtype), x, rtol=0, atol=1e-5
+                    )
+                    torch.testing.assert_close(kept.double(), x, rtol=0, atol=1e-5)
 
-            # The loss is a sum of O(scale) terms that partly cancel (GRPO's first-update surrogate sums
-            # to ~0 over a group): float32 rounding of such a sum is ~1e-7 x scale, hence the atol.
+            # Tolerances. clora computes in float32, this reference in float64. clora's log-probs are
+            # ~ -11 and kept in float32, so each is off by up to ~1e-6 absolute (measured 9e-7 above,
+            # one float32 ulp at 11), which goes into rho = exp(logp - old) and the KL of every token.
+            # - The loss is a weighted sum of per-token terms that partly cancel (GRPO's surrogate sums to
+            #   ~0 over a group at rho = 1): its rounding is relative to `scale`, the same sum over the
+            #   terms' absolute values, not to the loss itself; measured <= 1.5e-7 x scale, hence
+            #   atol = 1e-6 x scale (rtol 1e-5 alone holds wherever the loss does not cancel).
+            # - Each gradient entry sums per-token terms weighted by those rho and KL values, so entries
+            #   that cancel across tokens keep an absolute error ~1e-6 of the tensor's largest entry:
+            #   measured <= 2.6e-6 x max|grad| (as large with clora's base model run in float64, so it is
+            #   the float32 log-probs), hence atol = 1e-5 x max|grad| per tensor: 1e-5 relative to the
+            #   gradient's own scale, on top of rtol 1e-5 per entry.
             torch.testing.assert_close(
-                torch.tensor(result.losses[update]),
+                torch.tensor(result.losses[update], dtype=torch.float64),
                 loss.detach(),
                 rtol=1e-5,
                 atol=1e-6 * float(scale),
@@ -275,20 +310,15 @@ def test_loss_and_gradients_match_the_reference(
             assert result.clip_fractions[update] == pytest.approx(clipped, abs=1e-6)
             if kl_coef > 0:
                 assert result.kls[update] == pytest.approx(kl, rel=1e-4, abs=1e-8)
-
-            # Each gradient entry is a sum over tokens and hidden units of terms that can cancel, and
-            # clora's forward (KV cache, left padding, a shared prefix, SDPA) rounds differently from this
-            # one: entries near zero carry absolute rounding errors ~1e-7 of the largest entry of that
-            # gradient, hence an atol of 1e-6 x max|grad| per tensor on top of rtol 1e-5.
             got = [g for name in adapter.modules for g in snapshot[name][2:]]
             names = [f"{name}.{ab}" for name in adapter.modules for ab in ("A", "B")]
             for name, g_clora, g_ref in zip(names, got, grads, strict=True):
                 assert float(g_ref.abs().max()) > 0, name
                 torch.testing.assert_close(
-                    g_clora,
+                    g_clora.double(),
                     g_ref,
                     rtol=1e-5,
-                    atol=1e-6 * float(g_ref.abs().max()),
+                    atol=1e-5 * float(g_ref.abs().max()),
                     msg=lambda m, n=name, u=update: f"gradient of {n} at update {u}: {m}",
                 )
 

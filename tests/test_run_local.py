@@ -43,7 +43,10 @@ def test_clora_run_trains_every_experiment_and_writes_results(tmp_path: Path) ->
     out = tmp_path / "out"
     summary_file = tmp_path / "summary.json"
     args = ["-f", str(folder), "--model", "tiny", "--steps", "3", "--device", "cpu", "--threads", "1"]
-    code = clora(["run", *args, "--output", str(out), "--json", str(summary_file)])
+    rollouts_file = tmp_path / "rollouts.jsonl"
+    code = clora(
+        ["run", *args, "--output", str(out), "--json", str(summary_file), "--rollouts", str(rollouts_file)]
+    )
     assert code == 0
     summary = json.loads(summary_file.read_text())
     assert summary["model"] == "tiny" and summary["tokensSampled"] > 0
@@ -57,6 +60,15 @@ def test_clora_run_trains_every_experiment_and_writes_results(tmp_path: Path) ->
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and (adapter / "adapter_model.safetensors").stat().st_size > 0
     assert json.loads((out / "default" / "two" / "adapter_config.json").read_text())["r"] == 8
+    for entry in by_name.values():  # the last step's RL statistics, named as TRL logs them
+        assert entry["stats"]["completionLength"] > 0 and entry["stats"]["loss"] is not None
+    # --rollouts: one JSON object per completion, every step of every experiment
+    lines = [json.loads(line) for line in rollouts_file.read_text().splitlines()]
+    fields = {"namespace", "name", "step", "prompt", "completion", "reward", "advantage"}
+    assert all(fields | {"samplerLogprob", "trainerLogprob", "tokens"} <= set(line) for line in lines)
+    assert {(line["name"], line["step"]) for line in lines} == {(n, s) for n in by_name for s in range(3)}
+    for line in lines:  # the sampler's and the trainer's log-probs of the same weights agree
+        assert abs(line["samplerLogprob"] - line["trainerLogprob"]) < 1e-4
     png = (out / "rewards.png").read_bytes()
     assert png.startswith(b"\x89PNG")
 

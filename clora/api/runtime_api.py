@@ -130,7 +130,7 @@ class Rollout(StatusModel):
     step: int
     """The step it was sampled for (0 is the first)."""
     prompt: str
-    """The prompt as the model saw it (chat template applied)."""
+    """The problem's prompt (the user message; the chat template is applied around it)."""
     completion: str
     """The completion text (special tokens dropped)."""
     tokens: int

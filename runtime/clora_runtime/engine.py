@@ -35,7 +35,8 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -413,9 +414,7 @@ class Engine:
 
     def checkpoint_all(self) -> None:
         """Checkpoint every adapter that has stepped (SIGTERM, Ctrl-C): after the running tick."""
-        with self._tick_lock:
-            with self._lock:
-                everyone = list(self._experiments.values())
+        with self._tick_lock, self._holding() as everyone:
             for exp in everyone:
                 if exp.in_bank and exp.phase != "Failed" and exp.step > 0:
                     try:
@@ -467,16 +466,31 @@ class Engine:
         for exp in removals:
             self._finish_removal(exp)
         self._drain_retired()  # before _settle announces: a key removed and added again ends added
-        with self._lock:
-            everyone = [e for e in self._experiments.values() if not e.removing]
-        for exp in everyone:
-            try:
-                self._settle(exp)
-            except Exception as err:
-                log.exception("applying %s failed", exp.key)
-                self._fail(exp, f"could not apply its spec: {type(err).__name__}: {err}")
-                failed[exp.key] = exp.message
+        with self._holding() as everyone:
+            for exp in everyone:
+                try:
+                    self._settle(exp)
+                except Exception as err:
+                    log.exception("applying %s failed", exp.key)
+                    self._fail(exp, f"could not apply its spec: {type(err).__name__}: {err}")
+                    failed[exp.key] = exp.message
         self._drain_retired()
+
+    @contextmanager
+    def _holding(self) -> Iterator[list[Experiment]]:
+        """Every experiment not being removed, marked busy for the block: a DELETE meanwhile answers
+        202 and the removal waits for the next housekeeping, so two threads never write one adapter's
+        checkpoint or free its slot at once."""
+        with self._lock:
+            held = [e for e in self._experiments.values() if not e.removing and not e.busy]
+            for exp in held:
+                exp.busy = True
+        try:
+            yield held
+        finally:
+            with self._lock:
+                for exp in held:
+                    exp.busy = False
 
     def _drain_retired(self) -> None:
         """The sampler forgets adapters that left the bank (tick thread only: vLLM is not thread-safe)."""
