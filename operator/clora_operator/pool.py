@@ -403,6 +403,7 @@ async def _schedule(
     snapshot = scheduler.Snapshot(
         pods=tuple(pods), waiting=tuple(_need(pool, r) for r in waiting), policy=state.config.policy
     )
+    blocked: set[str] = set()  # preemptors whose victim has not left yet: placed on a later pass
     for decision in scheduler.schedule(snapshot):
         record = by_key[decision.key]
         if isinstance(decision, scheduler.Queue):
@@ -422,7 +423,10 @@ async def _schedule(
             state.metrics.scheduling_decisions.labels("preempt").inc()
             done, checkpoint = await _delete_from_pod(state, pool, decision.key, decision.pod)
             if not done:
-                logger.warning("could not preempt %s on %s: no answer", decision.key, decision.pod)
+                # no answer, or 202: its final checkpoint is written when the runtime's tick ends
+                logger.info("preempting %s on %s: not out yet, asking again", decision.key, decision.pod)
+                blocked.add(decision.by)
+                pool.wake()
                 continue
             by = by_key[decision.by]
             where = {"lastCheckpoint": checkpoint} if checkpoint else pool.status_of(record)
@@ -431,7 +435,7 @@ async def _schedule(
                 f" {_checkpoint_note(where)}"
             )
             await _requeue(state, pool, record, REASON_PREEMPTED, message, checkpoint=checkpoint)
-        else:
+        elif decision.key not in blocked:
             state.metrics.scheduling_decisions.labels("place").inc()
             await _place(state, pool, record, decision.pod, logger)
 

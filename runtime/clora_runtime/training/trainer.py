@@ -465,6 +465,7 @@ class _Prepared:
     lengths: list[int]  # completion tokens of each row
     row_keys: list[str]
     token_segments: list[tuple[str, int, int]]  # (adapter, start, end) in token order, contiguous
+    token_index: torch.Tensor  # [N] flat [R * Lc] positions of the completion tokens, row by row
     targets: torch.Tensor  # [N] completion tokens, row by row
     advantages: torch.Tensor  # [N]
     weights: torch.Tensor  # [N]
@@ -500,6 +501,9 @@ class _Prepared:
                 segments.append((row.key, start, start + n))
             start += n
 
+        # built once per micro-batch, so the forward selects tokens without a host sync
+        token_index = completion_mask.flatten().nonzero().squeeze(1)
+
         def expand(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(per_token)
 
@@ -518,7 +522,8 @@ class _Prepared:
             lengths=lengths,
             row_keys=[r.key for r in batch],
             token_segments=segments,
-            targets=completion_ids[completion_mask.bool()],
+            token_index=token_index,
+            targets=completion_ids.flatten().index_select(0, token_index),
             advantages=expand([r.advantage for r in batch]),
             weights=expand([r.token_weight for r in batch]),
             temperatures=expand([r.temperature for r in batch]),
@@ -585,7 +590,8 @@ class _Prepared:
         # Completion token j of a row is predicted from the prompt's last position (j == 0) or from
         # completion position j - 1.
         first = hp[self.source, -1].unsqueeze(1)  # [R, 1, H]
-        hidden = torch.cat([first, hc[:, :-1]], dim=1)[self.completion_mask]  # [N, H]
+        hidden = torch.cat([first, hc[:, :-1]], dim=1)  # [R, Lc, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.token_index)  # [N, H]
         return target_logprobs(
             hidden, model.get_output_embeddings(), self.targets, self.temperatures, with_entropy
         )
