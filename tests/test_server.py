@@ -292,6 +292,19 @@ def test_metrics(api: httpx.Client) -> None:
         for key, (gauge, _) in EXPERIMENT_STATS.items():
             assert (m.get((gauge, labels(name))) is not None) == (stats[key] is not None), (name, key)
     assert state(api, ns, "m1")["stats"]["kl"] is None and state(api, ns, "m2")["stats"]["kl"] >= 0
+
+    # Rollouts of the kept steps (RL-core issue, item 9), in the OpenAPI document too.
+    r = api.get(f"/v1/experiments/{ns}/m1/rollouts")
+    assert r.status_code == 200, r.text
+    kept = r.json()
+    newest = kept["steps"][-1]
+    assert len(kept["rollouts"]) == 2 * 2 and {x["step"] for x in kept["rollouts"]} == {newest}
+    for x in kept["rollouts"]:
+        assert x["name"] == "m1" and x["tokens"] > 0 and abs(x["samplerLogprob"] - x["trainerLogprob"]) < 1e-4
+    assert api.get(f"/v1/experiments/{ns}/m1/rollouts", params={"step": kept["steps"][0]}).status_code == 200
+    assert api.get(f"/v1/experiments/{ns}/m1/rollouts", params={"step": 10**6}).status_code == 404
+    assert api.get(f"/v1/experiments/{ns}/m1/rollouts", params={"step": -1}).status_code == 422
+    assert "/v1/experiments/{namespace}/{name}/rollouts" in api.get("/openapi.json").json()["paths"]
     for phase in ("sample", "reward", "train", "sync"):
         assert m[("clora_tick_duration_seconds_count", (("phase", phase),))] >= 2
         assert m[("clora_tick_duration_seconds_sum", (("phase", phase),))] >= 0
