@@ -201,12 +201,14 @@ class StepPlan:
 
 @dataclass
 class Scored:
-    """A plan's completions with their texts and rewards [prompts][group]."""
+    """A plan's completions with their texts, rewards [prompts][group] and advantages (flat, in
+    completion order, scaled per the plan's loss type)."""
 
     plan: StepPlan
     completions: list[Completion]
     texts: list[str]
     rewards: list[list[float]]
+    advantages: list[float]
 
 
 class Engine:
@@ -652,7 +654,8 @@ class Engine:
                 report.failed[plan.key] = plan.exp.message
                 continue
             rewards = [flat[p * g : (p + 1) * g] for p in range(len(plan.problems))]
-            scored.append(Scored(plan, completions, texts, rewards))
+            adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), plan.spec.training.loss_type)
+            scored.append(Scored(plan, completions, texts, rewards, adv.flatten().tolist()))
         return scored
 
     def _train(
@@ -666,13 +669,10 @@ class Engine:
         rows_of: dict[str, list[int]] = {}
         for item in scored:
             plan, t = item.plan, item.plan.spec.training
-            adv = group_advantages(torch.tensor(item.rewards, dtype=torch.float32), t.loss_type)
             lengths = [len(c.token_ids) for c in item.completions]
             weights = sequence_weights(t.loss_type, lengths, t.max_new_tokens)
             index: list[int] = []
-            for j, (c, a, w) in enumerate(
-                zip(item.completions, adv.flatten().tolist(), weights, strict=True)
-            ):
+            for j, (c, a, w) in enumerate(zip(item.completions, item.advantages, weights, strict=True)):
                 if c.token_ids:
                     index.append(len(rows))
                     prompt = plan.prompts[j // t.group_size]
@@ -697,16 +697,17 @@ class Engine:
             # Every experiment failed alone (see Trainer.step): the base model's fault unless it works.
             if not self._base_model_works():
                 raise
-            result = StepResult()
             message = f"training failed: {type(err).__name__}: {err}"
-            for key in hyper:
-                self._fail(next(s.plan.exp for s in scored if s.plan.key == key), message)
-                report.failed[key] = message
+            for item in scored:
+                if item.plan.key in hyper:
+                    self._fail(item.plan.exp, message)
+                    report.failed[item.plan.key] = message
             return None, rows_of
-        for key, res in result.adapters.items():
-            if res.error is not None:
-                self._fail(next(s.plan.exp for s in scored if s.plan.key == key), res.error)
-                report.failed[key] = res.error
+        for item in scored:
+            res = result.adapters.get(item.plan.key)
+            if res is not None and res.error is not None:
+                self._fail(item.plan.exp, res.error)
+                report.failed[item.plan.key] = res.error
         report.tokens_trained = result.tokens
         return result, rows_of
 
@@ -763,8 +764,6 @@ class Engine:
     def _rollouts(self, item: Scored, result: StepResult | None, index: list[int]) -> list[Rollout]:
         plan = item.plan
         g = plan.spec.training.group_size
-        adv = group_advantages(torch.tensor(item.rewards, dtype=torch.float32), plan.spec.training.loss_type)
-        flat_adv = adv.flatten().tolist()
         trained = result.row_logprobs if result is not None else []
         out: list[Rollout] = []
         for j, (c, text) in enumerate(zip(item.completions, item.texts, strict=True)):
@@ -778,7 +777,7 @@ class Engine:
                     completion=text,
                     tokens=len(c.token_ids),
                     reward=item.rewards[j // g][j % g],
-                    advantage=flat_adv[j],
+                    advantage=item.advantages[j],
                     sampler_logprob=sum(c.logprobs) if c.logprobs is not None else None,
                     trainer_logprob=trainer_lp if trainer_lp is None or math.isfinite(trainer_lp) else None,
                 )

@@ -129,76 +129,81 @@ class Trainer:
 
     def step(self, rows: list[TrainRow], hyper: dict[str, AdapterHyper]) -> StepResult:
         keys = sorted({r.key for r in rows})
-        adapters: dict[str, Adapter] = {k: self.bank.adapters[k] for k in keys}
         result = StepResult(adapters={k: AdapterStepResult() for k in keys})
-        memo = _Memo(rows, device=next(self.bank.model.parameters()).device)
+        step = _Step(
+            rows=rows,
+            adapters={k: self.bank.adapters[k] for k in keys},
+            hyper=hyper,
+            device=next(self.bank.model.parameters()).device,
+        )
         for update in range(max((hyper[k].updates for k in keys), default=0)):
             active = [k for k in keys if hyper[k].updates > update and result.adapters[k].error is None]
             if not active:
                 break
             try:
-                sums = self._update(memo, active, adapters, hyper, update)
+                sums = self._update(step, active, update)
             except Exception as err:  # attributed below, adapter by adapter
-                sums = self._update_alone(memo, active, adapters, hyper, update, err)
-            self._apply(active, adapters, hyper, update, sums, result)
-        result.tokens = memo.tokens_trained
-        result.row_logprobs = memo.row_sums()
+                sums = self._update_alone(step, active, update, err)
+            self._apply(step, active, update, sums, result)
+        result.tokens = step.tokens_trained
+        result.row_logprobs = step.row_sums()
         if self.record_logprobs:
-            result.token_logprobs = [t if t is not None else torch.empty(0) for t in memo.old]
+            result.token_logprobs = [t if t is not None else torch.empty(0) for t in step.old]
         return result
 
     # ---- one update -------------------------------------------------------------------------------
 
-    def _update(
-        self,
-        memo: _Memo,
-        active: list[str],
-        adapters: dict[str, Adapter],
-        hyper: dict[str, AdapterHyper],
-        update: int,
-    ) -> dict[str, _Sums]:
+    def _update(self, step: _Step, active: list[str], update: int) -> dict[str, _Sums]:
         """Forward/backward of the rows of the adapters in `active`, micro-batch by micro-batch; their
         gradients are accumulated (applied by _apply). Returns per-adapter device sums."""
         for key in active:
-            adapters[key].optimizer.zero_grad(set_to_none=True)
-        device = memo.device
+            step.adapters[key].optimizer.zero_grad(set_to_none=True)
         generators = {
-            hyper[k].slot: torch.Generator(device=device).manual_seed(hyper[k].dropout_seed + update)
+            step.hyper[k].slot: torch.Generator(device=step.device).manual_seed(
+                step.hyper[k].dropout_seed + update
+            )
             for k in active
         }
-        slots = {k: hyper[k].slot for k in active}
-        wanted = set(active)
-        chosen = [i for i, r in enumerate(memo.rows) if r.key in wanted]
         sums: dict[str, _Sums] = {}
-        for batch in self.micro_batches(memo.rows, slots, chosen):
-            batch_rows = [memo.rows[i] for i in batch]
+        for batch, prep in self._prepared(step, active):
             if self.fault_hook is not None:
-                self.fault_hook(sorted({r.key for r in batch_rows}))
-            prep = _Prepared.build(batch_rows, [slots[r.key] for r in batch_rows], device)
-            self._forward_backward(prep, batch, hyper, update, memo, generators, sums)
+                self.fault_hook(sorted({step.rows[i].key for i in batch}))
+            self._forward_backward(step, prep, batch, update, generators, sums)
         return sums
 
+    def _prepared(self, step: _Step, active: list[str]) -> list[tuple[list[int], _Prepared]]:
+        """The micro-batches of the active adapters' rows as tensors, built once per set of adapters
+        (every update of a step reuses them while no adapter drops out)."""
+        cached = step.prepared.get(tuple(active))
+        if cached is not None:
+            return cached
+        slots = {k: step.hyper[k].slot for k in active}
+        wanted = set(active)
+        chosen = [i for i, r in enumerate(step.rows) if r.key in wanted]
+        built = []
+        for batch in self.micro_batches(step.rows, slots, chosen):
+            batch_rows = [step.rows[i] for i in batch]
+            built.append(
+                (batch, _Prepared.build(batch_rows, [slots[r.key] for r in batch_rows], step.device))
+            )
+        step.prepared[tuple(active)] = built
+        return built
+
     def _update_alone(
-        self,
-        memo: _Memo,
-        active: list[str],
-        adapters: dict[str, Adapter],
-        hyper: dict[str, AdapterHyper],
-        update: int,
-        packed_error: Exception,
+        self, step: _Step, active: list[str], update: int, packed_error: Exception
     ) -> dict[str, _Sums]:
         """The packed update raised: redo it one adapter at a time, so that only an adapter whose own
         rows fail is failed. Raises the packed error when every adapter fails alone (the base model)."""
-        free_memory(memo.device)
+        free_memory(step.device)
         sums: dict[str, _Sums] = {}
         failures: dict[str, str] = {}
         for key in active:
             try:
-                sums.update(self._update(memo, [key], adapters, hyper, update))
+                sums.update(self._update(step, [key], update))
             except Exception as err:  # this adapter's own failure
-                adapters[key].optimizer.zero_grad(set_to_none=True)
+                step.adapters[key].optimizer.zero_grad(set_to_none=True)
                 failures[key] = f"training failed: {type(err).__name__}: {err}"
-                free_memory(memo.device)
+                free_memory(step.device)
         if len(failures) == len(active):
             raise packed_error
         for key, message in failures.items():
@@ -207,35 +212,34 @@ class Trainer:
 
     def _forward_backward(
         self,
+        step: _Step,
         prep: _Prepared,
         batch: list[int],
-        hyper: dict[str, AdapterHyper],
         update: int,
-        memo: _Memo,
         generators: dict[int, torch.Generator],
         sums: dict[str, _Sums],
     ) -> None:
         first = update == 0
         ref_logp = None
-        if any(hyper[k].kl_coef > 0 for k, _, _ in prep.token_segments):
+        if any(step.hyper[k].kl_coef > 0 for k, _, _ in prep.token_segments):
             # The reference (the base model, every adapter off) does not change between updates.
-            ref_logp = memo.gather(memo.ref, batch)
+            ref_logp = step.gather(step.ref, batch)
             if ref_logp is None:
                 with torch.no_grad():
                     ref_logp, _ = prep.token_logprobs(self.bank, adapters_on=False)
-                memo.scatter(memo.ref, batch, ref_logp, prep.lengths)
+                step.scatter(step.ref, batch, ref_logp, prep.lengths)
         logp, entropy = prep.token_logprobs(
             self.bank, adapters_on=True, generators=generators, with_entropy=first
         )
         if first:
             old_logp = logp.detach()  # the sampling policy: same weights as at sampling
-            memo.scatter(memo.old, batch, old_logp, prep.lengths)
+            step.scatter(step.old, batch, old_logp, prep.lengths)
         else:
-            old_logp = memo.gather(memo.old, batch)
+            old_logp = step.gather(step.old, batch)
             assert old_logp is not None, "a later update before the first"
         total: torch.Tensor | None = None
         for key, start, end in prep.token_segments:
-            h = hyper[key]
+            h = step.hyper[key]
             part = token_losses(
                 logp[start:end],
                 old_logp[start:end],
@@ -255,18 +259,12 @@ class Trainer:
                 end - start,
             )
             total = loss if total is None else total + loss
-        memo.tokens_trained += prep.tokens
+        step.tokens_trained += prep.tokens
         if total is not None:
             total.backward()
 
     def _apply(
-        self,
-        active: list[str],
-        adapters: dict[str, Adapter],
-        hyper: dict[str, AdapterHyper],
-        update: int,
-        sums: dict[str, _Sums],
-        result: StepResult,
+        self, step: _Step, active: list[str], update: int, sums: dict[str, _Sums], result: StepResult
     ) -> None:
         """Clip and apply each adapter's gradients; the statistics come to the host in one transfer."""
         norms: dict[str, torch.Tensor] = {}
@@ -277,7 +275,7 @@ class Trainer:
                 continue
             if self.before_optimizer_step is not None:
                 self.before_optimizer_step(key, update)
-            norms[key] = torch.nn.utils.clip_grad_norm_(adapters[key].parameters(), MAX_GRAD_NORM)
+            norms[key] = torch.nn.utils.clip_grad_norm_(step.adapters[key].parameters(), MAX_GRAD_NORM)
         order = list(norms)
         numbers = (
             torch.stack([v for k in order for v in (norms[k], *sums[k].values())]).tolist() if order else []
@@ -298,10 +296,10 @@ class Trainer:
             if not (math.isfinite(norm) and math.isfinite(loss)):
                 res.error = f"non-finite loss ({loss}) or gradient norm ({norm}) at this step"
         for key in active:
-            adapter, res = adapters[key], result.adapters[key]
+            adapter, res = step.adapters[key], result.adapters[key]
             if res.error is None:
                 for group in adapter.optimizer.param_groups:
-                    group["lr"] = hyper[key].learning_rate
+                    group["lr"] = step.hyper[key].learning_rate
                 adapter.optimizer.step()
             adapter.optimizer.zero_grad(set_to_none=True)
 
@@ -353,13 +351,23 @@ def _plus(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tenso
     return value if total is None else total + value
 
 
-class _Memo:
-    """The rows of one step and what the first update leaves for the later ones, per row: the
-    sampling policy's log-probs (the ratio's denominator) and the reference's."""
+class _Step:
+    """One trainer step: its rows, adapters and settings, the micro-batches prepared for it, and what
+    the first update leaves for the later ones, per row: the sampling policy's log-probs (the ratio's
+    denominator) and the reference's."""
 
-    def __init__(self, rows: list[TrainRow], device: torch.device) -> None:
+    def __init__(
+        self,
+        rows: list[TrainRow],
+        adapters: dict[str, Adapter],
+        hyper: dict[str, AdapterHyper],
+        device: torch.device,
+    ) -> None:
         self.rows = rows
+        self.adapters = adapters
+        self.hyper = hyper
         self.device = device
+        self.prepared: dict[tuple[str, ...], list[tuple[list[int], _Prepared]]] = {}
         self.old: list[torch.Tensor | None] = [None] * len(rows)
         self.ref: list[torch.Tensor | None] = [None] * len(rows)
         self.tokens_trained = 0
