@@ -70,7 +70,8 @@ OPERATOR_METRICS: dict[str, str] = {
     "clora_admission_wait_seconds": "Time from creating an experiment to its first placement on a pod.",
     "clora_scheduling_decisions": "Scheduler decisions, by kind: place, queue, preempt.",
     "clora_runtime_pods_ready": "Ready runtime pods per LoRARuntime (labels namespace, runtime).",
-    "clora_reconcile_errors": "Handler errors, by resource kind.",
+    "clora_reconcile_errors": "Handler errors, by resource kind and reason (RuntimeUnavailable, Conflict,"
+    " APIUnavailable, HTTP<status>, InvalidSpec, or the exception's type).",
 }
 TICK_PHASES = ("sample", "reward", "train", "sync")
 _SECONDS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -177,6 +178,6 @@ class OperatorMetrics:
                 registry=r,
             ),
             reconcile_errors=Counter(
-                "clora_reconcile_errors", m["clora_reconcile_errors"], ["kind"], registry=r
+                "clora_reconcile_errors", m["clora_reconcile_errors"], ["kind", "reason"], registry=r
             ),
         )

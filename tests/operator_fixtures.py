@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import jsonpatch
 import kmock
+from aiohttp import web
 
 from clora.constants import (
     EXPERIMENT_KIND,
@@ -77,6 +78,15 @@ class StampingEmulator(kmock.KubernetesEmulator):
             meta.setdefault("generation", 1)
             meta["resourceVersion"] = self._next_version()
         elif request.resource is not None and request.action == kmock.action.UPDATE and request.name:
+            asked = ((data.get("metadata") or {}) if isinstance(data, dict) else {}).get("resourceVersion")
+            stored = self._stored_version(request)
+            if asked and stored and asked != stored:
+                # Optimistic concurrency, as the API server does it for a write naming a version.
+                raise kmock.KubernetesError(
+                    status=409,
+                    reason="Conflict",
+                    message=f"the object has been modified ({asked} != {stored})",
+                )
             version = self._next_version()
             if isinstance(data, dict):
                 meta = data.setdefault("metadata", {}) if data.get("metadata") is not None else {}
@@ -108,6 +118,17 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 if version.isdigit() and int(version) <= floor:
                     continue
             yield event
+
+    def _stored_version(self, request: Any) -> str | None:
+        for (res, ns, name), obj in list(self.objects.items()):
+            if (
+                res == request.resource
+                and ns == request.namespace
+                and name == request.name
+                and not obj.deleted
+            ):
+                return (obj.raw.get("metadata") or {}).get("resourceVersion")
+        return None
 
     def _generation(self, request: Any) -> int:
         for (res, ns, name), obj in list(self.objects.items()):
@@ -249,6 +270,59 @@ class RuntimeProcess:
     process: subprocess.Popen[bytes]
     log: Path
     token_file: Path
+    url: str
+    """The runtime's own address (behind the pod's DelayProxy when the kubelet proxies)."""
+
+
+@dataclass
+class DelayProxy:
+    """A loopback reverse proxy where a runtime pod's API is (podIP:RUNTIME_PORT), in front of the
+    real runtime: a test makes its answers slow, to play a hung runtime or a slow DELETE."""
+
+    ip: str
+    target: str
+    delay: float = 0.0
+    """Seconds every request but /readyz waits before it is forwarded (a hung runtime)."""
+    delete_delays: list[float] = field(default_factory=list)
+    """The answers to the next DELETEs wait this long each, after the runtime has acted on them."""
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    """(method, path) of every request, in order."""
+    _runner: web.AppRunner | None = None
+    _http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._http = httpx.AsyncClient(base_url=self.target, timeout=120)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.ip, RUNTIME_PORT).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self._http is not None
+        self.seen.append((request.method, request.path))
+        if request.path != "/readyz" and self.delay:
+            await asyncio.sleep(self.delay)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            rsp = await self._http.request(
+                request.method, request.path_qs, content=await request.read(), headers=headers
+            )
+        except httpx.HTTPError as e:  # the runtime behind is gone: what a dead pod's proxy would say
+            return web.Response(status=502, text=f"{type(e).__name__}: {e}")
+        if request.method == "DELETE" and self.delete_delays:
+            await asyncio.sleep(self.delete_delays.pop(0))
+        return web.Response(
+            status=rsp.status_code,
+            body=rsp.content,
+            content_type=rsp.headers.get("content-type", "").split(";")[0] or None,
+        )
 
 
 @dataclass
@@ -260,7 +334,10 @@ class Kubelet:
     ip_prefix: str
     """First three octets of the pods' loopback addresses, e.g. '127.23.0'."""
     env: dict[str, str] = field(default_factory=dict)
+    proxied: bool = False
+    """Put a DelayProxy at each pod's address, in front of its runtime (`proxies`, by pod name)."""
     processes: dict[str, RuntimeProcess] = field(default_factory=dict)
+    proxies: dict[str, DelayProxy] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     """pod name -> time.monotonic() its runtime became ready."""
     _next_ip: int = 2
@@ -281,6 +358,8 @@ class Kubelet:
                     await task
         for proc in self.processes.values():
             _stop(proc.process)
+        for proxy in self.proxies.values():
+            await proxy.stop()
 
     def kill(self, pod: str) -> None:
         """The runtime process dies (as if OOM-killed); the pod stays, not ready."""
@@ -317,7 +396,7 @@ class Kubelet:
                 self._dead.add(name)
                 await self._report_dead(body)
         for name in set(self.processes) - set(pods):
-            _stop(self.processes.pop(name).process)
+            await self._remove(name, {})
 
     async def _start(self, name: str, body: dict[str, Any]) -> None:
         try:
@@ -337,6 +416,12 @@ class Kubelet:
             token_file.write_text(token)
             args = list(container["args"])
             args[args.index("--host") + 1] = ip
+            own_url = f"http://{ip}:{RUNTIME_PORT}"
+            if self.proxied:
+                args[args.index("--port") + 1] = str(RUNTIME_PORT + 1)
+                own_url = f"http://{ip}:{RUNTIME_PORT + 1}"
+                self.proxies[name] = DelayProxy(ip=ip, target=own_url)
+                await self.proxies[name].start()
             log = self.workdir / f"{name}.log"
             env = {**os.environ, **self.env, TOKEN_FILE_ENV: str(token_file)}
             process = subprocess.Popen(
@@ -347,7 +432,7 @@ class Kubelet:
                 start_new_session=True,
             )
             self.processes[name] = RuntimeProcess(
-                pod=name, ip=ip, process=process, log=log, token_file=token_file
+                pod=name, ip=ip, process=process, log=log, token_file=token_file, url=own_url
             )
             await self.cluster.patch(
                 "v1/pods",
@@ -381,6 +466,9 @@ class Kubelet:
         proc = self.processes.pop(name, None)
         if proc is not None:
             _stop(proc.process)  # SIGTERM: the runtime checkpoints and exits
+        proxy = self.proxies.pop(name, None)
+        if proxy is not None:
+            await proxy.stop()
 
 
 def _running_status(ip: str, *, ready: bool) -> dict[str, Any]:
@@ -396,7 +484,14 @@ def _running_status(ip: str, *, ready: bool) -> dict[str, Any]:
             {"type": "Ready", "status": flag, "lastTransitionTime": _now()},
         ],
         "containerStatuses": [
-            {"name": "runtime", "ready": ready, "restartCount": 0, "state": {"running": {}}}
+            {
+                "name": "runtime",
+                "image": "clora-runtime",
+                "imageID": "",
+                "ready": ready,
+                "restartCount": 0,
+                "state": {"running": {}},
+            }
         ],
     }
 

@@ -14,6 +14,7 @@ succeed. Measurements are printed (no timed assertions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -155,6 +156,16 @@ class Scenario:
         """Every experiment any runtime reports."""
         return {name for names in (await self.runtime_answers()).values() for name in names}
 
+    def pod_finalizers(self, *, with_empty: bool = False) -> dict[str, list[str]]:
+        """Runtime pod -> its finalizers (pods without any left out unless `with_empty`)."""
+        out = {
+            p["metadata"]["name"]: p["metadata"].get("finalizers") or [] for p in self.c.list("v1/pods", NS)
+        }
+        return {k: v for k, v in out.items() if v or with_empty}
+
+    def count_events(self, name: str, *reasons: str) -> list[int]:
+        return [len(self.c.events(name, reason)) for reason in reasons]
+
     def runtime_status(self) -> dict[str, Any]:
         return (self.c.get(RUNTIMES, NS, RUNTIME) or {}).get("status") or {}
 
@@ -214,6 +225,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 )
                 rt = s.runtime_status()
                 assert rt["totalSlots"] == 4
+                assert s.pod_finalizers() == {}  # watched with an event handler only
                 assert sorted(p["node"] for p in rt["pods"]) == ["node-a", "node-b"]
                 assert next(c for c in rt["conditions"] if c["type"] == "Ready")["status"] == "True"
                 token = s.token()
@@ -253,6 +265,17 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                     assert s.condition(name, "Succeeded")["status"] == "True"
                     await s.wait_event(name, "Succeeded")
                 await s.wait_event("exp-3", "ResumedFromCheckpoint")
+                # One Event per transition, none repeated by polls.
+                assert s.count_events("exp-0", "Admitted", "Scheduled", "Running", "Succeeded") == [
+                    1,
+                    1,
+                    1,
+                    1,
+                ]
+                assert s.count_events("exp-3", "Preempted", "Scheduled", "Running") == [1, 2, 2]
+                for name in wave:
+                    checkpointed = [e["message"] for e in s.c.events(name, "Checkpointed")]
+                    assert checkpointed and len(checkpointed) == len(set(checkpointed)), checkpointed
                 await cluster.wait_for("slots freed", lambda: s.runtime_status().get("usedSlots") == 0)
 
                 # Time from creation to Running on a warm pod, and status lag runtime -> CR.
@@ -322,15 +345,27 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 assert left, "deleting must leave a checkpoint"
                 await s.wait_event("doomed", "Checkpointed")
 
-                # Operator restart: placements are adopted, none duplicated or lost.
+                # Operator restart: placements are adopted, none duplicated or lost. An experiment
+                # deleted while the operator is down is checkpointed and freed before it goes.
                 await cluster.create(EXPERIMENTS, experiment("r1", steps=LONG))
                 await cluster.create(EXPERIMENTS, experiment("r2", steps=LONG))
                 await s.wait_phase("r1", "Running")
                 await s.wait_phase("r2", "Running")
+                await s.wait_step("r1", 3)
                 before = {n: s.c.status(n)["runtimePod"] for n in ("warm", "r1", "r2")}
                 await operator.__aexit__(None, None, None)
+                await cluster.create(EXPERIMENTS, experiment("r3", steps=LONG))  # no operator: Pending
+                await cluster.delete(EXPERIMENTS, NS, "r1")
                 operator = running_operator(config)
                 await operator.__aenter__()
+                await cluster.wait_for(
+                    "r1 gone", lambda: cluster.get(EXPERIMENTS, NS, "r1") is None, interval=0.02, timeout=60
+                )
+                assert "r1" not in await s.everywhere()
+                await s.wait_event("r1", "Checkpointed")
+                assert any(p.name.startswith("step-") for p in (checkpoints / NS / "r1").iterdir())
+                del before["r1"]
+                await s.wait_phase("r3", "Running")
                 await asyncio.sleep(3 * config.poll_interval)
                 answers = await s.runtime_answers()
                 for name, pod in before.items():
@@ -339,17 +374,28 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                         assert holders == [pod], (name, answers)
                     assert s.c.status(name)["runtimePod"] == pod
 
-                # Kill the runtime process under r1: its experiments move to the other pod,
+                # Kill the runtime process under r2: its experiments move to the other pod,
                 # resume from their checkpoints and succeed. (Once warm is done, the other pod has
-                # room for whatever was on the killed one.)
+                # room for whatever was on the killed one.) Their status.step never falls below the
+                # checkpoint they resume from.
                 st = await s.wait_phase("warm", "Succeeded", "Failed", timeout=240)
                 assert (st["phase"], st["step"]) == ("Succeeded", target), st
-                await s.wait_step("r1", 20)
-                killed = s.c.status("r1")["runtimePod"]
-                killed_node = s.c.status("r1")["node"]
-                moved = [n for n in ("r1", "r2") if s.c.status(n).get("runtimePod") == killed]
+                await s.wait_step("r2", 20)
+                await s.wait_step("r3", 20)
+                killed = s.c.status("r2")["runtimePod"]
+                killed_node = s.c.status("r2")["node"]
+                moved = [n for n in ("r2", "r3") if s.c.status(n).get("runtimePod") == killed]
                 checkpoint_steps = {n: s.c.status(n)["lastCheckpoint"]["step"] for n in moved}
                 steps_at_kill = {n: s.c.status(n)["step"] for n in moved}
+                lowest = dict(steps_at_kill)
+
+                async def watch_steps() -> None:
+                    while True:
+                        for n in moved:
+                            lowest[n] = min(lowest[n], s.c.status(n).get("step", 0))
+                        await asyncio.sleep(0.05)
+
+                watcher = asyncio.create_task(watch_steps())
                 killed_at = time.monotonic()
                 kubelet.kill(killed)
                 for name in moved:
@@ -369,8 +415,14 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 measurements["steps redone after the kill (status step - checkpoint step)"] = str(
                     {n: steps_at_kill[n] - checkpoint_steps[n] for n in moved}
                 )
-                targets = {name: await s.finish_soon(name) for name in ("r1", "r2")}
-                for name in ("r1", "r2"):
+                targets = {name: await s.finish_soon(name) for name in ("r2", "r3")}
+                watcher.cancel()
+                for name in moved:
+                    assert lowest[name] >= checkpoint_steps[name], (lowest, checkpoint_steps)
+                measurements["lowest status.step after the kill vs checkpoint step"] = str(
+                    {n: (lowest[n], checkpoint_steps[n]) for n in moved}
+                )
+                for name in ("r2", "r3"):
                     st = await s.wait_phase(name, "Succeeded", "Failed", timeout=240)
                     assert st["phase"] == "Succeeded", (name, st)
                     assert st["step"] == st["totalSteps"] == targets[name]
@@ -389,6 +441,14 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                 # A fresh registry since the restart: the kill's re-placement is counted.
                 assert 'clora_scheduling_decisions_total{decision="place"}' in text
                 assert 'clora_runtime_pods_ready{namespace="clora-test",runtime="tiny"} 2.0' in text
+
+                # No finalizer on any runtime pod: with the operator stopped, one is deleted at once.
+                assert s.pod_finalizers() == {}
+                await operator.__aexit__(None, None, None)
+                operator = contextlib.nullcontext()
+                pod = sorted(s.pod_finalizers(with_empty=True))[0]
+                await cluster.delete("v1/pods", NS, pod)
+                assert cluster.get("v1/pods", NS, pod) is None
             finally:
                 await operator.__aexit__(None, None, None)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in measurements.items()))

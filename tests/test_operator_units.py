@@ -291,7 +291,8 @@ def test_config_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_required_permissions_cover_what_the_operator_touches() -> None:
     perms = {(p.api_group, p.resource): set(p.verbs) for p in k8s.REQUIRED_PERMISSIONS}
-    assert {"create", "delete", "watch", "patch"} <= perms[("", "pods")]
+    assert {"create", "delete", "watch"} <= perms[("", "pods")]
+    assert "patch" not in perms[("", "pods")]  # no finalizer or annotation is ever put on a pod
     assert perms[("", "secrets")] == {"get", "create"}
     assert perms[("", "events")] == {"create"}
     assert "patch" in perms[("clora.dev", "loraexperiments/status")]

@@ -144,9 +144,18 @@ def test_lifecycle(api: httpx.Client) -> None:
     optimizer = torch.load(Path(r.json()["checkpoint"]["path"]) / "optimizer.pt", weights_only=True)
     assert {g["lr"] for g in optimizer["param_groups"]} == {2.5e-4}
 
-    # Re-added with that checkpoint, a resumes at the step it left.
+    # Re-added with that checkpoint, a resumes at the step it left: the PUT's answer already says so
+    # (never step 0 until a tick), and so does a resume parked as suspended.
+    parked = {**spec(), "suspend": True}
+    r = put(api, ns, "parked", parked, resumeFrom=checkpoint["path"])
+    assert r.status_code == 200, r.text
+    assert (r.json()["phase"], r.json()["step"]) == ("Suspended", checkpoint["step"])
+    assert r.json()["lastCheckpoint"]["path"] == checkpoint["path"]
+    assert delete(api, ns, "parked").json()["checkpoint"]["path"] == checkpoint["path"]
     r = put(api, ns, "a", spec(), resumeFrom=checkpoint["path"])
     assert r.status_code == 200, r.text
+    assert r.json()["step"] == checkpoint["step"]
+    assert r.json()["lastCheckpoint"]["step"] == checkpoint["step"]
     resumed = wait_for(lambda: (s := state(api, ns, "a"))["phase"] != "Pending" and s, what="a admitted")
     assert resumed["step"] >= checkpoint["step"]
     assert resumed["reward"]["mean"] is not None  # its reward history came back too

@@ -6,6 +6,7 @@ neither plane. Field names are camelCase on the wire, as in the resources.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Literal
 
@@ -88,6 +89,15 @@ class ExperimentState(StatusModel):
     message: str = ""
     stats: StepStats = Field(default_factory=StepStats)
     """RL statistics of the last step."""
+    spec_digest: str | None = None
+    """`spec_digest` of the spec the runtime holds: how the operator sees that a changed spec has not
+    reached the runtime yet, from the runtime's own answer."""
+
+
+def spec_digest(spec: LoRAExperimentSpec) -> str:
+    """A digest of what a runtime must know of a spec (suspend and priority are the operator's business)."""
+    shown = spec.model_dump_json(by_alias=True, exclude={"suspend", "priority"})
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
 
 
 class RemovedExperiment(StatusModel):

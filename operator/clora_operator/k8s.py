@@ -1,22 +1,25 @@
 """The only module that talks to the Kubernetes API (kopf's own watching and patching aside).
 
 It declares REQUIRED_PERMISSIONS, every (apiGroup, resource, verbs) the operator's code and kopf
-use; the chart's RBAC is tested against it. Requests are plain JSON over httpx with the
-credentials kopf logged in with, so the operator runs against any API server, the test emulator
-included (which ignores label selectors: lists are filtered here as well).
+use; the chart's RBAC is tested against it. Requests go through `kubernetes_asyncio` (the asyncio
+port of the official client: kopf's event loop is never blocked by a request, and no thread pool
+sits between them; scripts/compare-kube-clients.py measures it against the official client). Lists
+are filtered by label here as well, since the test emulator ignores label selectors.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import ssl
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import kopf
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 from clora.constants import (
     EXPERIMENT_KIND,
@@ -31,6 +34,8 @@ from clora.constants import (
 
 log = logging.getLogger(__name__)
 
+MERGE_PATCH = "application/merge-patch+json"
+
 
 @dataclass(frozen=True, slots=True)
 class Permission:
@@ -43,14 +48,14 @@ class Permission:
 
 REQUIRED_PERMISSIONS: tuple[Permission, ...] = (
     # kopf watches and patches (finalizer, progress annotations) both resources; the operator
-    # reads a runtime when it validates an experiment.
+    # reads a runtime when it validates an experiment, and an experiment after a write conflict.
     Permission(GROUP, RUNTIME_PLURAL, ("get", "list", "watch", "patch")),
     Permission(GROUP, f"{RUNTIME_PLURAL}/status", ("get", "patch")),
     Permission(GROUP, EXPERIMENT_PLURAL, ("get", "list", "watch", "patch")),
     Permission(GROUP, f"{EXPERIMENT_PLURAL}/status", ("get", "patch")),
-    # Runtime pods: created and deleted here; watched and patched by kopf (one timer per pod
-    # needs kopf's finalizer on it).
-    Permission("", "pods", ("get", "list", "watch", "create", "patch", "delete")),
+    # Runtime pods: created, listed and deleted here; watched by kopf with an event handler only
+    # (no finalizer is ever put on them).
+    Permission("", "pods", ("get", "list", "watch", "create", "delete")),
     # The runtime token: created once, then read.
     Permission("", "secrets", ("get", "create")),
     # One runtime pod per matching node.
@@ -69,161 +74,149 @@ REQUIRED_PERMISSIONS: tuple[Permission, ...] = (
 
 
 class KubeError(Exception):
-    """The API server refused a request."""
+    """The API server refused a request (a status other than 404, which the calls answer as None)."""
 
     def __init__(self, status: int, text: str) -> None:
         super().__init__(f"HTTP {status}: {text[:300]}")
         self.status = status
 
 
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if info.insecure:
-        return False
-    ctx = ssl.create_default_context()
-    if info.ca_path:
-        ctx.load_verify_locations(cafile=str(info.ca_path))
-    elif info.ca_data:
-        data = info.ca_data if isinstance(info.ca_data, str) else info.ca_data.decode()
-        if "BEGIN CERTIFICATE" not in data:
-            data = base64.b64decode(data).decode()
-        ctx.load_verify_locations(cadata=data)
-    if info.certificate_path and info.private_key_path:
-        ctx.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
-    return ctx
+class Conflict(KubeError):
+    """409: the object changed since it was read (a stale resourceVersion); read again and retry."""
 
 
-def _core(namespace: str | None, plural: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/{plural}" if namespace else f"/api/v1/{plural}"
-
-
-def _clora(namespace: str, plural: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
+def _error(e: ApiException) -> KubeError:
+    text = e.body.decode() if isinstance(e.body, bytes) else str(e.body or e.reason)
+    return (Conflict if e.status == 409 else KubeError)(int(e.status or 0), text)
 
 
 class KubeClient:
-    """A small async Kubernetes API client over the credentials kopf uses."""
+    """clora's reads and writes, as plain dicts, over one kubernetes_asyncio ApiClient."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self._http = http
-
-    @classmethod
-    def from_connection(cls, info: kopf.ConnectionInfo) -> KubeClient:
-        headers: dict[str, str] = {}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        auth = httpx.BasicAuth(info.username, info.password or "") if info.username else None
-        http = httpx.AsyncClient(
-            base_url=info.server,
-            headers=headers,
-            auth=auth,
-            verify=_ssl_context(info) if info.server.startswith("https") else True,
-            timeout=httpx.Timeout(30.0, connect=10.0),
-        )
-        return cls(http)
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+        self._core = client.CoreV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
 
     @classmethod
-    def connect(cls, settings: kopf.OperatorSettings, logger: logging.Logger) -> KubeClient:
+    async def connect(cls) -> KubeClient:
         """The in-cluster service account if there is one, else the kubeconfig (as kopf does)."""
-        info = kopf.login_with_service_account(settings=settings, logger=logger) or (
-            kopf.login_with_kubeconfig(settings=settings, logger=logger)
-        )
-        if info is None:
-            raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor a kubeconfig")
-        return cls.from_connection(info)
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except ConfigException:
+            try:
+                # KUBECONFIG as it is now (the library reads it once, at import).
+                path = os.environ.get("KUBECONFIG") or None
+                await config.load_kube_config(config_file=path, client_configuration=configuration)
+            except (ConfigException, FileNotFoundError) as e:
+                raise kopf.PermanentError(f"no Kubernetes credentials: {e}") from e
+        # Answers are read as plain dicts: a model's client-side checks (an unset required field in a
+        # container status, say) must not make a good answer an error.
+        configuration.client_side_validation = False
+        return cls(client.ApiClient(configuration))
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._api.close()
 
-    # Plain verbs.
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        return self._api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        rsp = await self._http.request(method, path, **kwargs)
-        if rsp.status_code >= 400 and rsp.status_code != 404:
-            raise KubeError(rsp.status_code, rsp.text)
-        return rsp
-
-    async def get(self, path: str) -> dict[str, Any] | None:
-        rsp = await self._request("GET", path)
-        return None if rsp.status_code == 404 else rsp.json()
-
-    async def list(self, path: str, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        rsp = await self._request("GET", path, params=params)
-        items: list[dict[str, Any]] = [] if rsp.status_code == 404 else rsp.json().get("items") or []
-        if labels:
-            # Filter here too: a selector the server ignored must not widen the answer.
-            items = [
-                i
-                for i in items
-                if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())
-            ]
-        return items
-
-    async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Creates the object; None if one of that name exists already (creation is idempotent)."""
+    async def _call(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """The call's answer, None for 404, KubeError (Conflict for 409) for any other refusal."""
         try:
-            rsp = await self._request("POST", path, json=body)
-        except KubeError as e:
-            if e.status == 409:
+            return await call(*args, **kwargs)
+        except ApiException as e:
+            if e.status == 404:
                 return None
-            raise
-        return rsp.json()
-
-    async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
-        headers = {"Content-Type": "application/merge-patch+json"}
-        rsp = await self._request("PATCH", path, json=patch, headers=headers)
-        return None if rsp.status_code == 404 else rsp.json()
-
-    async def delete(self, path: str) -> bool:
-        """Deletes the object; False if it was gone already."""
-        rsp = await self._request("DELETE", path)
-        return rsp.status_code != 404
+            raise _error(e) from e
 
     # clora's objects.
 
     async def get_runtime(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.get(f"{_clora(namespace, RUNTIME_PLURAL)}/{name}")
+        return await self._call(
+            self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUNTIME_PLURAL, name
+        )
 
     async def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.get(f"{_clora(namespace, EXPERIMENT_PLURAL)}/{name}")
+        return await self._call(
+            self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, EXPERIMENT_PLURAL, name
+        )
 
-    async def patch_experiment_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
-        """False when the experiment is gone."""
-        path = f"{_clora(namespace, EXPERIMENT_PLURAL)}/{name}/status"
-        return await self.merge_patch(path, {"status": patch}) is not None
+    async def _patch_status(
+        self, plural: str, namespace: str, name: str, patch: Mapping[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        body: dict[str, Any] = {"status": dict(patch)}
+        if resource_version:
+            # Optimistic concurrency: the API server answers 409 if the object changed meanwhile.
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            body,
+            _content_type=MERGE_PATCH,
+        )
+
+    async def patch_experiment_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any] | None:
+        """The object after the patch; None when it is gone; Conflict when `resource_version` is stale."""
+        return await self._patch_status(EXPERIMENT_PLURAL, namespace, name, patch, resource_version)
 
     async def patch_runtime_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
-        path = f"{_clora(namespace, RUNTIME_PLURAL)}/{name}/status"
-        return await self.merge_patch(path, {"status": patch}) is not None
+        return await self._patch_status(RUNTIME_PLURAL, namespace, name, patch, None) is not None
+
+    # Core objects.
 
     async def list_nodes(self) -> list[dict[str, Any]]:
-        return await self.list(_core(None, "nodes"))
+        answer = await self._call(self._core.list_node)
+        return [self._plain(n) for n in (answer.items if answer else [])]
 
     async def list_runtime_pods(self, namespace: str, runtime: str) -> list[dict[str, Any]]:
-        return await self.list(_core(namespace, "pods"), labels={LABEL_RUNTIME: runtime})
+        answer = await self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=f"{LABEL_RUNTIME}={runtime}"
+        )
+        pods = [self._plain(p) for p in (answer.items if answer else [])]
+        # Filter here too: a selector the server ignored must not widen the answer.
+        return [
+            p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_RUNTIME) == runtime
+        ]
 
     async def create_pod(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        return await self.create(_core(namespace, "pods"), body)
+        return await self._create(self._core.create_namespaced_pod, namespace, body)
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
-        return await self.delete(f"{_core(namespace, 'pods')}/{name}")
+        """False if it was gone already."""
+        return await self._call(self._core.delete_namespaced_pod, name, namespace) is not None
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.get(f"{_core(namespace, 'configmaps')}/{name}")
+        answer = await self._call(self._core.read_namespaced_config_map, name, namespace)
+        return self._plain(answer) if answer is not None else None
 
     async def read_token(self, namespace: str, name: str) -> str | None:
         """The token in a runtime's Secret, or None if the Secret does not exist."""
-        secret = await self.get(f"{_core(namespace, 'secrets')}/{name}")
-        if secret is None:
+        answer = await self._call(self._core.read_namespaced_secret, name, namespace)
+        if answer is None:
             return None
-        data = (secret.get("data") or {}).get(TOKEN_SECRET_KEY)
+        data = (answer.data or {}).get(TOKEN_SECRET_KEY)
         if data:
             return base64.b64decode(data).decode()
         # An API server turns stringData into data; an emulator may keep it as written.
-        return (secret.get("stringData") or {}).get(TOKEN_SECRET_KEY)
+        return (answer.string_data or {}).get(TOKEN_SECRET_KEY)
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        return await self.create(_core(namespace, "secrets"), body)
+        return await self._create(self._core.create_namespaced_secret, namespace, body)
+
+    async def _create(self, call: Any, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Creates the object; None if one of that name exists already (creation is idempotent)."""
+        try:
+            return self._plain(await self._call(call, namespace, dict(body)))
+        except Conflict:
+            return None
 
 
 def object_ref(kind: str, namespace: str, name: str, uid: str | None = None) -> dict[str, Any]:

@@ -1,75 +1,117 @@
 """One LoRARuntime's control loop: keep its pods, place its experiments, mirror runtime progress.
 
-The handlers call three entry points:
-- `reconcile` (the LoRARuntime's daemon, after any change and every few seconds): pods and
-  token Secret, lost pods, suspend/delete/terminal clean-up, then the scheduler's decisions;
-- `poll_pod` (one kopf timer per runtime pod): GET /v1/experiments, then status patches for the
-  experiments whose status changed;
-- `release` (an experiment's deletion): checkpoint it on its pod and free the slot, never
-  waiting longer than delete_timeout.
+Entry points:
+- `reconcile` (one pass of the LoRARuntime's daemon, after any change and every few seconds): the
+  token Secret and the pods, one poller per pod, then the decisions: experiments their pod lost go
+  back to the queue, experiments that should leave their pod are taken off it (deleted, finished,
+  suspended), changed specs are re-sent, and the scheduler places the waiting ones;
+- `poll_pod` (each pod's poller, a task the daemon keeps): GET /v1/experiments, then status patches;
+- `release` (an experiment's deletion handler): its final checkpoint, and its slot back;
+- `admit` (the validation handler's verdict).
 
-Placement changes and status writes happen under the pool's lock, so a poll answer taken before
-a preemption never overwrites the preempted experiment's status.
+Level-triggered: each pass decides from what the cluster (the experiments' statuses, the pods) and
+the runtimes' answers say now. Where an experiment is comes from its runtime's answer, else from its
+status (runtimePod); whether a runtime has its latest spec, from the runtime's specDigest. What the
+pool keeps in memory (state.Pool) is a cache that `Pool.forget` may drop at any time.
+
+No lock is held across I/O: a decision is taken between two awaits on what the pool knows, the I/O
+(a runtime call, an API write) runs after it, and its outcome is applied only where it still holds.
+An experiment with a PUT or DELETE in flight is `busy`: nothing else is decided for it meanwhile.
+Status writes carry the resourceVersion they were computed from, so a write computed from a status
+that changed meanwhile is refused (409) and computed again from the newer one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import enum
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
+
 from clora.api import TERMINAL_PHASES, LoRARuntime
-from clora.api.runtime_api import ExperimentState
+from clora.api.runtime_api import CheckpointRef, ExperimentState, spec_digest
 from clora.constants import (
+    EXPERIMENT_KIND,
     LABEL_KUEUE_QUEUE,
     REASON_ADMITTED,
-    REASON_FAILED,
+    REASON_CHECKPOINTED,
     REASON_MISSING_DATASET,
     REASON_PREEMPTED,
     REASON_QUEUED,
     REASON_RESUMED,
     REASON_RUNTIME_LOST,
     REASON_RUNTIME_REJECTED,
-    REASON_SCHEDULED,
-    REASON_SUCCEEDED,
     REASON_SUSPENDED,
     REASON_WAITING_FOR_KUEUE,
 )
 from clora_operator import k8s, scheduler
 from clora_operator.pods import PodInfo, build_token_secret, plan_pods, pod_info, secret_name
 from clora_operator.runtime_client import RuntimeRejected, RuntimeUnavailable
-from clora_operator.state import ExperimentRecord, OperatorState, Placement, PodView, Pool, spec_hash
-from clora_operator.status import Observed, experiment_status, observe_runtime, runtime_status, status_patch
+from clora_operator.state import ExperimentRecord, OperatorState, PodView, Pool, Written
+from clora_operator.status import (
+    Observed,
+    experiment_status,
+    observe_runtime,
+    runtime_status,
+    status_patch,
+    transition_events,
+)
 
 log = logging.getLogger(__name__)
 
 # Phases in which an experiment, not on a pod, waits for the scheduler.
 WAITING_PHASES = frozenset({"Queued", "Scheduled", "Running", "Suspended"})
+# Phases in which the status says the experiment is on its runtimePod.
+ON_POD_PHASES = frozenset({"Scheduled", "Running"})
+
+Records = Callable[[], list[ExperimentRecord]]
+"""The experiments naming a LoRARuntime, as kopf's index holds them now."""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _checkpoint_dict(ref: CheckpointRef | None) -> dict[str, Any] | None:
+    return ref.model_dump(mode="json", by_alias=True, exclude_none=True) if ref is not None else None
+
+
 # Status writes.
 
 
 async def write_status(state: OperatorState, pool: Pool, record: ExperimentRecord, obs: Observed) -> bool:
-    """Patches the experiment's status to what `obs` says, if that changes anything but timestamps."""
-    current = pool.status_of(record)
+    """Patches the experiment's status to what `obs` says, if that changes anything but timestamps,
+    and posts the Events of the transition. False when nothing was written: no change, the object is
+    gone, or it changed since it was read (409: the next pass computes again from the newer one)."""
+    current, version = pool.current(record)
     desired = experiment_status(current, obs, spec=record.spec, generation=record.generation, now=_now())
     patch = status_patch(current, desired)
     if patch is None:
         return False
-    if await state.kube.patch_experiment_status(record.namespace, record.name, patch):
-        pool.written[record.key] = {k: v for k, v in desired.items() if v is not None}
-        return True
-    return False
+    try:
+        answer = await state.kube.patch_experiment_status(record.namespace, record.name, patch, version)
+    except k8s.Conflict:
+        state.count_error(EXPERIMENT_KIND, "Conflict")
+        pool.written.pop(record.key, None)
+        pool.wake()
+        return False
+    if answer is None:
+        return False
+    meta = answer.get("metadata") or {}
+    pool.written[record.key] = Written(
+        base_version=record.resource_version or "",
+        version=meta.get("resourceVersion") or "",
+        status=answer.get("status") or {},
+    )
+    for event in transition_events(current, desired, obs):
+        _event(record, event.reason, event.message, warning=event.warning)
+    return True
 
 
 def _event(record: ExperimentRecord, reason: str, message: str, *, warning: bool = False) -> None:
@@ -78,45 +120,26 @@ def _event(record: ExperimentRecord, reason: str, message: str, *, warning: bool
     )
 
 
-# Pods and Secret.
+# Where each experiment is.
 
 
-async def ensure_token(state: OperatorState, runtime: LoRARuntime) -> str:
-    """The pool's bearer token: read from its Secret, or generated once and stored there."""
-    ns, name = runtime.metadata.namespace, runtime.metadata.name
-    token = await state.kube.read_token(ns, secret_name(name))
-    if token:
-        return token
-    await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
-    # Read back: if another replica created it first, its token wins.
-    token = await state.kube.read_token(ns, secret_name(name))
-    if not token:
-        raise RuntimeError(f"Secret {secret_name(name)} has no token after creation")
-    return token
-
-
-def _sync_pod_views(pool: Pool, infos: Iterable[PodInfo]) -> None:
-    seen = set()
-    for info in infos:
-        seen.add(info.name)
-        view = pool.pods.get(info.name)
-        if view is None:
-            pool.pods[info.name] = PodView(info=info)
-        else:
-            view.info = info
-    for gone in set(pool.pods) - seen:
-        del pool.pods[gone]
-
-
-def note_pod(pool: Pool, body: dict[str, Any], deleted: bool) -> None:
-    """A watch event of a runtime pod (kept between reconcile passes)."""
-    info = pod_info(body)
-    if deleted:
-        pool.pods.pop(info.name, None)
-    elif info.name in pool.pods:
-        pool.pods[info.name].info = info
-    else:
-        pool.pods[info.name] = PodView(info=info)
+def placements(pool: Pool, records: list[ExperimentRecord]) -> dict[str, str]:
+    """key -> the pod it is on: a pod whose runtime lists it (the one its status names, if several
+    do), else the pod its status names (placed, and its runtime not asked since). Keys of no
+    experiment (deleted objects) are included."""
+    listed: dict[str, list[str]] = {}
+    for name, view in sorted(pool.pods.items()):
+        for key, s in (view.answer or {}).items():
+            if s.phase != "Removing":
+                listed.setdefault(key, []).append(name)
+    out = {key: pods[0] for key, pods in listed.items()}
+    for r in records:
+        status = pool.status_of(r)
+        named = status.get("runtimePod")
+        placed = r.key not in out and status.get("phase") in ON_POD_PHASES
+        if named and (named in listed.get(r.key, ()) or placed):
+            out[r.key] = named
+    return out
 
 
 def _lost(state: OperatorState, view: PodView | None) -> str | None:
@@ -145,34 +168,58 @@ def _healthy(view: PodView) -> bool:
     )
 
 
-# The reconcile pass.
+def _scheduled_at(status: dict[str, Any]) -> float:
+    """When the status last said the experiment went onto its pod (the Scheduled condition's flip)."""
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Scheduled"), {})
+    when = cond.get("lastTransitionTime")
+    if cond.get("status") != "True" or not when:
+        return 0.0
+    return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
 
 
-async def reconcile(
-    state: OperatorState, runtime: LoRARuntime, records: list[ExperimentRecord], logger: logging.Logger
-) -> None:
-    """One pass over a pool: its Secret and pods, then every experiment that names it."""
-    pool = state.pool(runtime.metadata.namespace, runtime.metadata.name)
-    if pool.token is None:
-        pool.token = await ensure_token(state, runtime)
-    if not pool.recovered:
-        # Before the pods are planned: a pod with experiments on it is never replaced as stale.
-        async with pool.lock:
-            _recover(pool, records)
-            pool.recovered = True
-    await _reconcile_pods(state, pool, runtime, logger)
-    by_key = {r.key: r for r in records}
-    async with pool.lock:
-        await _drop_lost(state, pool, by_key, logger)
-        await _clean_up(state, pool, by_key, logger)
-        await _schedule(state, pool, runtime, records, logger)
-        await _suspend_waiting(state, pool, records)
-    await _write_runtime_status(state, pool, runtime)
-    _count_phases(state, pool, records)
+# Pods and Secret.
+
+
+async def ensure_token(state: OperatorState, runtime: LoRARuntime) -> str:
+    """The pool's bearer token: read from its Secret, or generated once and stored there."""
+    ns, name = runtime.metadata.namespace, runtime.metadata.name
+    token = await state.kube.read_token(ns, secret_name(name))
+    if token:
+        return token
+    await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
+    # Read back: if another replica created it first, its token wins.
+    token = await state.kube.read_token(ns, secret_name(name))
+    if not token:
+        raise RuntimeError(f"Secret {secret_name(name)} has no token after creation")
+    return token
+
+
+def _sync_pod_views(pool: Pool, infos: list[PodInfo]) -> None:
+    seen = set()
+    for info in infos:
+        seen.add(info.name)
+        view = pool.pods.get(info.name)
+        if view is None:
+            pool.pods[info.name] = PodView(info=info)
+        else:
+            view.info = info
+    for gone in set(pool.pods) - seen:
+        del pool.pods[gone]
+
+
+def note_pod(pool: Pool, body: dict[str, Any], deleted: bool) -> None:
+    """A watch event of a runtime pod (kept between reconcile passes)."""
+    info = pod_info(body)
+    if deleted:
+        pool.pods.pop(info.name, None)
+    elif info.name in pool.pods:
+        pool.pods[info.name].info = info
+    else:
+        pool.pods[info.name] = PodView(info=info)
 
 
 async def _reconcile_pods(
-    state: OperatorState, pool: Pool, runtime: LoRARuntime, logger: logging.Logger
+    state: OperatorState, pool: Pool, runtime: LoRARuntime, busy: frozenset[str], logger: logging.Logger
 ) -> None:
     ns, name = runtime.metadata.namespace, runtime.metadata.name
     nodes = [
@@ -187,7 +234,6 @@ async def _reconcile_pods(
         for v in pool.pods.values()
         if not v.info.deleting and v.failures * state.config.poll_interval >= state.config.unresponsive_after
     }
-    busy = frozenset(p.pod for p in pool.placements.values())
     plan = plan_pods(runtime, nodes, infos, image=runtime.spec.image or state.config.runtime_image, busy=busy)
     for body in plan.create:
         logger.info("creating runtime pod %s", body["metadata"]["name"])
@@ -197,29 +243,224 @@ async def _reconcile_pods(
         await state.kube.delete_pod(ns, pod)
 
 
-def _recover(pool: Pool, records: list[ExperimentRecord]) -> None:
-    """After a restart: adopt the placements the statuses record, to be checked against the pods."""
-    for r in records:
-        pod = r.status.get("runtimePod")
-        if pod and r.status.get("phase") in ("Scheduled", "Running") and r.key not in pool.placements:
-            pool.placements[r.key] = Placement(pod=pod, spec_hash=spec_hash(r.spec), since=0.0)
+# Pollers: one task per pod, kept by the daemon.
 
 
-async def _requeue(
+def keep_pollers(state: OperatorState, pool: Pool, records: Records, logger: logging.Logger) -> None:
+    """One poller per pod: started for new pods, stopped for gone ones, restarted (after counting and
+    logging its error) when one ended."""
+    for name in list(pool.pollers):
+        task = pool.pollers[name]
+        if name in pool.pods and not task.done():
+            continue
+        del pool.pollers[name]
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled() and (error := task.exception()) is not None:
+            state.count_error("Pod", type(error).__name__)
+            logger.error("poller of %s failed; restarting it", name, exc_info=error)
+    for name in pool.pods:
+        if name not in pool.pollers:
+            pool.pollers[name] = asyncio.create_task(_poll_loop(state, pool, name, records, logger))
+
+
+def stop_pollers(pool: Pool) -> None:
+    for task in pool.pollers.values():
+        task.cancel()
+    pool.pollers.clear()
+
+
+async def _poll_loop(
+    state: OperatorState, pool: Pool, name: str, records: Records, logger: logging.Logger
+) -> None:
+    while (view := pool.pods.get(name)) is not None:
+        await poll_pod(state, pool, view, records(), logger)
+        await asyncio.sleep(state.config.poll_interval)
+
+
+async def poll_pod(
+    state: OperatorState, pool: Pool, view: PodView, records: list[ExperimentRecord], logger: logging.Logger
+) -> None:
+    """GET /v1/experiments from one pod, then patch the statuses of the experiments placed there."""
+    info = view.info
+    if info.url is None or pool.token is None:
+        return
+    if not info.ready and view.answer is None:
+        return  # still starting (loading its model): silence is expected, not a failure
+    asked = time.time()
+    try:
+        answer = await state.runtime.list(info.url, pool.token)
+    except (RuntimeUnavailable, RuntimeRejected) as e:
+        view.failures += 1
+        if info.ready or view.answer is not None:
+            logger.info("runtime pod %s did not answer (%d in a row): %s", info.name, view.failures, e)
+        if _lost(state, view) is not None:
+            pool.wake()
+        return
+    # An experiment whose PUT or DELETE ended after this GET was asked is as that call left it.
+    stale = {k for k, t in pool.touched.items() if t >= asked}
+    old_answer = view.answer or {}
+    listed = {f"{s.namespace}/{s.name}": s for s in answer.experiments}
+    was_new = view.answer is None
+    view.failures = 0
+    view.answer = {k: s for k, s in listed.items() if k not in stale} | {
+        k: s for k, s in old_answer.items() if k in stale
+    }
+    view.removed = {
+        f"{r.namespace}/{r.name}": r.checkpoint
+        for r in answer.removed
+        if f"{r.namespace}/{r.name}" not in stale
+    }
+    view.asked_at = asked
+    where = placements(pool, records)
+    writes = []
+    finished = False
+    for record in records:
+        s = listed.get(record.key)
+        if s is None or record.key in stale or record.deleting or record.key in pool.busy:
+            continue
+        if where.get(record.key) != info.name or s.phase in ("Removing", "Suspended"):
+            continue  # on another pod too, or leaving on the operator's DELETE: the daemon decides
+        status = pool.status_of(record)
+        if status.get("phase") in TERMINAL_PHASES and status.get("runtimePod") != info.name:
+            continue
+        obs = observe_runtime(s, info.name, info.node)
+        finished |= obs.phase in TERMINAL_PHASES
+        writes.append(write_status(state, pool, record, obs))
+    await asyncio.gather(*writes)
+    if finished or was_new:
+        pool.wake()  # a finished experiment leaves its pod on the daemon's next pass
+
+
+# Runtime calls whose outcome is applied after they answer.
+
+
+async def _busy(pool: Pool, key: str, call: Awaitable[Any]) -> Any:
+    """Runs `call` with `key` marked busy (nothing else is decided for it until it ends)."""
+    pool.busy.add(key)
+    try:
+        return await call
+    finally:
+        pool.busy.discard(key)
+        pool.touched[key] = time.time()
+
+
+class Removal(enum.Enum):
+    """How a DELETE on a runtime went."""
+
+    DONE = "done"
+    """Removed (or not there): the slot is free, and the checkpoint that came with it is final."""
+    WRITING = "writing"
+    """202: the runtime writes the final checkpoint when its running tick ends; ask again."""
+    UNANSWERED = "unanswered"
+    """No answer: ask again; a later DELETE answers with the same checkpoint, so none is lost."""
+
+
+async def _delete_from_pod(
+    state: OperatorState, pool: Pool, key: str, pod: str
+) -> tuple[Removal, dict[str, Any] | None]:
+    """DELETE on the pod: how it went, and the final checkpoint."""
+    view = pool.pods.get(pod)
+    if view is None or view.info.url is None or pool.token is None:
+        return Removal.DONE, None  # the pod is gone: nothing left to free
+    namespace, name = key.split("/", 1)
+    try:
+        rsp = await state.runtime.delete(view.info.url, pool.token, namespace, name)
+    except RuntimeUnavailable:
+        return Removal.UNANSWERED, None
+    except RuntimeRejected:
+        return Removal.DONE, None
+    if rsp is not None and not rsp.removed:
+        return Removal.WRITING, None
+    # 404: gone already; a poll may have seen its final checkpoint in the runtime's removed list.
+    ref = rsp.checkpoint if rsp is not None else view.removed.get(key)
+    if view.answer is not None:
+        view.answer.pop(key, None)
+    view.removed[key] = ref
+    return Removal.DONE, _checkpoint_dict(ref)
+
+
+async def _take_off(
     state: OperatorState,
     pool: Pool,
-    record: ExperimentRecord,
-    reason: str,
-    message: str,
-    *,
-    checkpoint: dict[str, Any] | None = None,
-    warning: bool = True,
+    record: ExperimentRecord | None,
+    key: str,
+    pod: str,
+    logger: logging.Logger,
 ) -> None:
-    pool.placements.pop(record.key, None)
-    await write_status(
-        state, pool, record, Observed(phase="Queued", reason=reason, message=message, checkpoint=checkpoint)
-    )
-    _event(record, reason, message, warning=warning)
+    """Takes an experiment that should not be on `pod` off it, recording what the DELETE answers."""
+    outcome, checkpoint = await _busy(pool, key, _delete_from_pod(state, pool, key, pod))
+    if outcome is not Removal.DONE:
+        pool.wake()  # ask again on the next pass
+        return
+    if record is None:
+        return
+    status = pool.status_of(record)
+    if status.get("phase") in TERMINAL_PHASES:
+        if checkpoint:  # the final checkpoint (a terminal status takes nothing else)
+            await write_status(
+                state, pool, record, Observed(phase=status["phase"], reason="", checkpoint=checkpoint)
+            )
+    elif record.spec.get("suspend"):
+        message = f"suspended: checkpointed on {pod} and left its runtime"
+        await write_status(
+            state,
+            pool,
+            record,
+            Observed(phase="Suspended", reason=REASON_SUSPENDED, message=message, checkpoint=checkpoint),
+        )
+    else:
+        logger.info("%s left %s", key, pod)
+
+
+async def _resend(
+    state: OperatorState, pool: Pool, record: ExperimentRecord, pod: str, logger: logging.Logger
+) -> None:
+    """A spec changed since its runtime got it: PUT again (the runtime applies the mutable fields)."""
+    view = pool.pods.get(pod)
+    if view is None or view.info.url is None or pool.token is None or record.parsed is None:
+        return
+    put = state.runtime.put(view.info.url, pool.token, record.namespace, record.name, record.parsed, None)
+    try:
+        answer = await _busy(pool, record.key, put)
+    except RuntimeUnavailable:
+        return
+    except RuntimeRejected as e:
+        logger.warning("%s: the runtime refused the changed spec: %s", record.key, e.detail)
+        _event(record, REASON_RUNTIME_REJECTED, f"the changed spec was refused: {e.detail}", warning=True)
+        return
+    if view.answer is not None:
+        view.answer[record.key] = answer
+
+
+# The reconcile pass.
+
+
+async def reconcile(
+    state: OperatorState, runtime: LoRARuntime, records: Records, logger: logging.Logger
+) -> None:
+    """One pass over a pool: its Secret and pods, then every experiment that names it."""
+    pool = state.pool(runtime.metadata.namespace, runtime.metadata.name)
+    if pool.token is None:
+        pool.token = await ensure_token(state, runtime)
+    busy = frozenset(placements(pool, records()).values())
+    await _reconcile_pods(state, pool, runtime, busy, logger)
+    keep_pollers(state, pool, records, logger)
+    # Ready pods never asked yet (a fresh pool, or one whose cache was dropped): their pollers ask at
+    # once, and the pass waits for those answers (2 s at most), so no decision rests on not knowing.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and any(
+        v.answer is None and v.failures == 0 and v.info.ready and v.info.url for v in pool.pods.values()
+    ):
+        await asyncio.sleep(0.05)
+    pool.synced = True
+    await _record_removals(state, pool, records())
+    await _requeue_lost(state, pool, records(), logger)
+    await _clean_up(state, pool, records(), logger)
+    await _schedule(state, pool, runtime, records(), logger)
+    await _show_suspended(state, pool, records())
+    await _write_runtime_status(state, pool, runtime, records())
+    _count_phases(state, pool, records())
 
 
 def _checkpoint_note(status: dict[str, Any]) -> str:
@@ -231,121 +472,106 @@ def _checkpoint_note(status: dict[str, Any]) -> str:
     )
 
 
-async def _drop_lost(
-    state: OperatorState, pool: Pool, by_key: dict[str, ExperimentRecord], logger: logging.Logger
+async def _record_removals(state: OperatorState, pool: Pool, records: list[ExperimentRecord]) -> None:
+    """Experiments their runtime lists as removed with a checkpoint the status lacks (a DELETE
+    finished, but its answer was lost or was a 202): the status records that final checkpoint, and
+    one that was not finished leaves its pod (suspended, or back to the queue)."""
+    writes = []
+    for record in records:
+        status = pool.status_of(record)
+        view = pool.pods.get(status.get("runtimePod") or "")
+        if view is None or record.deleting or record.key in pool.busy or record.key in (view.answer or {}):
+            continue
+        ref = view.removed.get(record.key)
+        checkpoint = _checkpoint_dict(ref)
+        if not checkpoint or checkpoint.get("path") == (status.get("lastCheckpoint") or {}).get("path"):
+            continue
+        phase = status.get("phase")
+        if phase in TERMINAL_PHASES:
+            obs = Observed(phase=phase, reason="", checkpoint=checkpoint)
+        elif record.spec.get("suspend"):
+            message = f"suspended: checkpointed on {view.info.name} and left its runtime"
+            obs = Observed(phase="Suspended", reason=REASON_SUSPENDED, message=message, checkpoint=checkpoint)
+        elif phase in ON_POD_PHASES:
+            message = f"taken off {view.info.name}; {_checkpoint_note({'lastCheckpoint': checkpoint})}"
+            obs = Observed(phase="Queued", reason=REASON_QUEUED, message=message, checkpoint=checkpoint)
+        else:
+            continue
+        writes.append(write_status(state, pool, record, obs))
+    await asyncio.gather(*writes)
+
+
+async def _requeue_lost(
+    state: OperatorState, pool: Pool, records: list[ExperimentRecord], logger: logging.Logger
 ) -> None:
-    """Experiments on a lost pod, or that their pod no longer has, go back to the queue."""
-    for key, placement in sorted(pool.placements.items()):
-        record = by_key.get(key)
-        if record is None:
-            continue  # deleted: `release` or `_clean_up` handles it
-        view = pool.pods.get(placement.pod)
+    """Experiments whose status puts them on a pod that is lost, or whose runtime, asked after they
+    were placed there, no longer has them, go back to the queue."""
+    writes = []
+    for record in records:
+        status = pool.status_of(record)
+        pod = status.get("runtimePod")
+        if record.deleting or record.key in pool.busy or status.get("phase") not in ON_POD_PHASES or not pod:
+            continue
+        view = pool.pods.get(pod)
         why = _lost(state, view)
-        restarted = (
-            view is not None
+        if (
+            why is None
+            and view is not None
             and view.answer is not None
-            and view.answered_at > placement.since
-            and key not in view.answer
-            and key not in view.removed  # removed on our DELETE: _clean_up learns its checkpoint
-        )
-        if why is None and restarted:
+            and record.key not in view.answer
+            and record.key not in view.removed  # taken off by a DELETE: _record_removals records it
+            and view.asked_at > _scheduled_at(status) + 1.0  # asked after the PUT (status times: 1 s)
+        ):
             why = "no longer has it (the runtime restarted)"
         if why is None:
             continue
-        message = f"runtime pod {placement.pod} {why}; {_checkpoint_note(pool.status_of(record))}"
-        logger.warning("%s: %s", key, message)
-        if view is not None and view.info.node:
-            pool.avoid_nodes[key] = pool.avoid_nodes.get(key, frozenset()) | {view.info.node}
-        await _requeue(state, pool, record, REASON_RUNTIME_LOST, message)
-
-
-async def _delete_from_pod(
-    state: OperatorState, pool: Pool, key: str, pod: str
-) -> tuple[bool, dict[str, Any] | None]:
-    """DELETE on the pod: (done, checkpoint). Not done when the pod did not answer."""
-    view = pool.pods.get(pod)
-    if view is None or view.info.url is None or pool.token is None:
-        return True, None  # the pod is gone: nothing left to free
-    namespace, name = key.split("/", 1)
-    try:
-        rsp = await state.runtime.delete(view.info.url, pool.token, namespace, name)
-    except RuntimeUnavailable:
-        return False, None
-    except RuntimeRejected:
-        return True, None
-    if rsp is not None and not rsp.removed:
-        return False, None  # 202: its final checkpoint is written when the runtime's tick ends; ask again
-    if rsp is None or rsp.checkpoint is None:
-        return True, None
-    return True, rsp.checkpoint.model_dump(mode="json", by_alias=True, exclude_none=True)
+        message = f"runtime pod {pod} {why}; {_checkpoint_note(status)}"
+        logger.warning("%s: %s", record.key, message)
+        writes.append(
+            write_status(
+                state, pool, record, Observed(phase="Queued", reason=REASON_RUNTIME_LOST, message=message)
+            )
+        )
+    await asyncio.gather(*writes)
 
 
 async def _clean_up(
-    state: OperatorState, pool: Pool, by_key: dict[str, ExperimentRecord], logger: logging.Logger
+    state: OperatorState, pool: Pool, records: list[ExperimentRecord], logger: logging.Logger
 ) -> None:
     """Take off their pods the experiments that should not be there; re-send changed specs."""
-    for key, placement in sorted(pool.placements.items()):
-        record = by_key.get(key)
-        status = pool.status_of(record) if record else {}
-        if record is None or record.deleting or status.get("phase") in TERMINAL_PHASES:
-            done, _ = await _delete_from_pod(state, pool, key, placement.pod)
-            if done:
-                pool.placements.pop(key, None)
-            continue
-        if record.spec.get("suspend"):
-            done, checkpoint = await _delete_from_pod(state, pool, key, placement.pod)
-            if not done:
-                continue
-            pool.placements.pop(key, None)
-            message = "suspended: checkpointed and left its runtime"
-            await write_status(
-                state,
-                pool,
-                record,
-                Observed(phase="Suspended", reason=REASON_SUSPENDED, message=message, checkpoint=checkpoint),
-            )
-            _event(record, REASON_SUSPENDED, f"checkpointed on {placement.pod} and freed its slot")
-            continue
-        current = spec_hash(record.spec)
-        if current != placement.spec_hash and record.parsed is not None:
-            view = pool.pods.get(placement.pod)
-            if view is None or view.info.url is None or pool.token is None:
-                continue
-            try:
-                await state.runtime.put(
-                    view.info.url, pool.token, record.namespace, record.name, record.parsed, None
-                )
-            except RuntimeUnavailable:
-                continue
-            except RuntimeRejected as e:
-                logger.warning("%s: the runtime refused the changed spec: %s", key, e.detail)
-                _event(
-                    record, REASON_RUNTIME_REJECTED, f"the changed spec was refused: {e.detail}", warning=True
-                )
-            placement.spec_hash = current
-    # Experiments a pod has that are not placed there (a placement lost in a crash, or one that
-    # finished): the runtime would train them for nobody.
-    placed = {(p.pod, k) for k, p in pool.placements.items()}
+    by_key = {r.key: r for r in records}
+    actions = []
+    where = placements(pool, records)
     for pod, view in sorted(pool.pods.items()):
         for key in sorted(view.answer or {}):
-            if (pod, key) in placed:
-                continue
-            record = by_key.get(key)
-            if (
-                record is not None
-                and not record.deleting
-                and record.status.get("runtimePod") == pod
-                and (pool.status_of(record).get("phase") in ("Scheduled", "Running"))
-            ):
-                pool.placements[key] = Placement(pod=pod, spec_hash=spec_hash(record.spec), since=0.0)
-                continue
-            logger.info("removing %s from %s: not placed there", key, pod)
-            await _delete_from_pod(state, pool, key, pod)
-            if view.answer is not None:
-                view.answer.pop(key, None)
+            if where.get(key) not in (pod, None) and key not in pool.busy:
+                # Also on another pod (its runtime came back after the experiment moved): one copy.
+                logger.info("removing %s from %s: it is placed on %s", key, pod, where[key])
+                actions.append(_take_off(state, pool, None, key, pod, logger))
+    for key, pod in sorted(where.items()):
+        record = by_key.get(key)
+        if key in pool.busy or (record is not None and record.deleting):
+            continue  # a call in flight, or the deletion handler's
+        view = pool.pods.get(pod)
+        on_runtime = (view.answer or {}).get(key) if view is not None else None
+        if record is None:
+            if on_runtime is not None:
+                logger.info("removing %s from %s: no such experiment", key, pod)
+                actions.append(_take_off(state, pool, None, key, pod, logger))
+            continue
+        phase = pool.status_of(record).get("phase")
+        if on_runtime is not None and (phase in TERMINAL_PHASES or record.spec.get("suspend")):
+            actions.append(_take_off(state, pool, record, key, pod, logger))
+        elif (
+            on_runtime is not None
+            and record.parsed is not None
+            and on_runtime.spec_digest not in (None, spec_digest(record.parsed))
+        ):
+            actions.append(_resend(state, pool, record, pod, logger))
+    await asyncio.gather(*actions)
 
 
-def _need(pool: Pool, record: ExperimentRecord) -> scheduler.Need:
+def _need(record: ExperimentRecord) -> scheduler.Need:
     assert record.parsed is not None
     return scheduler.Need(
         key=record.key,
@@ -353,20 +579,7 @@ def _need(pool: Pool, record: ExperimentRecord) -> scheduler.Need:
         tokens=record.parsed.tokens_per_tick(),
         priority=record.parsed.priority,
         created=record.created,
-        avoid_nodes=pool.avoid_nodes.get(record.key, frozenset()),
     )
-
-
-def _waiting(pool: Pool, records: list[ExperimentRecord]) -> list[ExperimentRecord]:
-    return [
-        r
-        for r in records
-        if r.key not in pool.placements
-        and r.parsed is not None
-        and not r.deleting
-        and not r.spec.get("suspend")
-        and pool.status_of(r).get("phase") in WAITING_PHASES
-    ]
 
 
 async def _schedule(
@@ -377,67 +590,75 @@ async def _schedule(
     logger: logging.Logger,
 ) -> None:
     by_key = {r.key: r for r in records}
+    where = placements(pool, records)
     cap = runtime.spec.capacity
-    pods = []
-    for name, view in sorted(pool.pods.items()):
-        if not _healthy(view):
-            continue
-        running = tuple(
-            _need(pool, by_key[k])
-            for k, p in pool.placements.items()
-            if p.pod == name and k in by_key and by_key[k].parsed
+    pods = [
+        scheduler.PodSnapshot(
+            name=name,
+            node=view.info.node,
+            max_adapters=cap.max_adapters,
+            max_rank=cap.max_rank,
+            tokens_per_tick=cap.tokens_per_tick,
+            running=tuple(
+                _need(by_key[k])
+                for k, p in sorted(where.items())
+                if p == name and k in by_key and by_key[k].parsed
+            ),
         )
-        pods.append(
-            scheduler.PodSnapshot(
-                name=name,
-                node=view.info.node,
-                max_adapters=cap.max_adapters,
-                max_rank=cap.max_rank,
-                tokens_per_tick=cap.tokens_per_tick,
-                running=running,
-            )
-        )
-    waiting = _waiting(pool, records)
+        for name, view in sorted(pool.pods.items())
+        if _healthy(view)
+    ]
+    waiting = [
+        r
+        for r in records
+        if r.key not in where
+        and r.key not in pool.busy
+        and r.parsed is not None
+        and not r.deleting
+        and not r.spec.get("suspend")
+        and pool.status_of(r).get("phase") in WAITING_PHASES
+    ]
     if not waiting:
         return
     snapshot = scheduler.Snapshot(
-        pods=tuple(pods), waiting=tuple(_need(pool, r) for r in waiting), policy=state.config.policy
+        pods=tuple(pods), waiting=tuple(_need(r) for r in waiting), policy=state.config.policy
     )
-    blocked: set[str] = set()  # preemptors whose victim has not left yet: placed on a later pass
+    actions = []
+    preemptors: set[str] = set()  # placed on a later pass, once their victim has left
     for decision in scheduler.schedule(snapshot):
         record = by_key[decision.key]
         if isinstance(decision, scheduler.Queue):
             state.metrics.scheduling_decisions.labels("queue").inc()
-            was = pool.status_of(record).get("phase")
-            if (
-                await write_status(
-                    state,
-                    pool,
-                    record,
-                    Observed(phase="Queued", reason=REASON_QUEUED, message=decision.reason),
-                )
-                and was != "Queued"
-            ):
-                _event(record, REASON_QUEUED, decision.reason)
+            obs = Observed(phase="Queued", reason=REASON_QUEUED, message=decision.reason)
+            actions.append(write_status(state, pool, record, obs))
         elif isinstance(decision, scheduler.Preempt):
             state.metrics.scheduling_decisions.labels("preempt").inc()
-            done, checkpoint = await _delete_from_pod(state, pool, decision.key, decision.pod)
-            if not done:
-                # no answer, or 202: its final checkpoint is written when the runtime's tick ends
-                logger.info("preempting %s on %s: not out yet, asking again", decision.key, decision.pod)
-                blocked.add(decision.by)
-                pool.wake()
-                continue
-            by = by_key[decision.by]
-            where = {"lastCheckpoint": checkpoint} if checkpoint else pool.status_of(record)
-            message = (
-                f"preempted on {decision.pod} by {by.name} (priority {_need(pool, by).priority});"
-                f" {_checkpoint_note(where)}"
-            )
-            await _requeue(state, pool, record, REASON_PREEMPTED, message, checkpoint=checkpoint)
-        elif decision.key not in blocked:
+            preemptors.add(decision.by)
+            actions.append(_preempt(state, pool, record, by_key[decision.by], decision.pod, logger))
+        elif decision.key not in preemptors:
             state.metrics.scheduling_decisions.labels("place").inc()
-            await _place(state, pool, record, decision.pod, logger)
+            actions.append(_place(state, pool, record, decision.pod, logger))
+    await asyncio.gather(*actions)
+
+
+async def _preempt(
+    state: OperatorState,
+    pool: Pool,
+    victim: ExperimentRecord,
+    by: ExperimentRecord,
+    pod: str,
+    logger: logging.Logger,
+) -> None:
+    outcome, checkpoint = await _busy(pool, victim.key, _delete_from_pod(state, pool, victim.key, pod))
+    pool.wake()  # the preemptor is placed on the next pass
+    if outcome is not Removal.DONE:
+        logger.info("preempting %s on %s: not out yet, asking again", victim.key, pod)
+        return
+    where = {"lastCheckpoint": checkpoint} if checkpoint else pool.status_of(victim)
+    priority = by.parsed.priority if by.parsed else 0
+    message = f"preempted on {pod} by {by.name} (priority {priority}); {_checkpoint_note(where)}"
+    obs = Observed(phase="Queued", reason=REASON_PREEMPTED, message=message, checkpoint=checkpoint)
+    await write_status(state, pool, victim, obs)
 
 
 async def _place(
@@ -447,10 +668,9 @@ async def _place(
     assert view.info.url is not None and pool.token is not None and record.parsed is not None
     status = pool.status_of(record)
     resume = (status.get("lastCheckpoint") or {}).get("path")
+    put = state.runtime.put(view.info.url, pool.token, record.namespace, record.name, record.parsed, resume)
     try:
-        await state.runtime.put(
-            view.info.url, pool.token, record.namespace, record.name, record.parsed, resume
-        )
+        answer: ExperimentState = await _busy(pool, record.key, put)
     except RuntimeUnavailable as e:
         logger.warning("could not place %s on %s: %s", record.key, pod, e)
         view.failures += 1
@@ -459,30 +679,30 @@ async def _place(
         reason = REASON_MISSING_DATASET if "dataset" in e.detail.lower() else REASON_RUNTIME_REJECTED
         message = f"runtime pod {pod} refused it: {e.detail}"
         await write_status(state, pool, record, Observed(phase="Failed", reason=reason, message=message))
-        _event(record, reason, message, warning=True)
         return
-    pool.placements[record.key] = Placement(pod=pod, spec_hash=spec_hash(record.spec), since=time.monotonic())
+    if view.answer is not None:
+        view.answer[record.key] = answer  # placed here, whatever an older poll answer says
     if not status.get("startTime") and status.get("phase") in (None, "Pending", "Queued") and record.created:
         state.metrics.admission_wait.observe(max(0.0, time.time() - record.created))
-    message = f"placed on {pod} (node {view.info.node})"
-    await write_status(
-        state,
-        pool,
-        record,
-        Observed(
-            phase="Scheduled", reason=REASON_SCHEDULED, message=message, runtime_pod=pod, node=view.info.node
-        ),
-    )
-    _event(record, REASON_SCHEDULED, message)
-    if resume:
+    # What the PUT answered (the runtime admits at once: Running, or Failed if it could not start).
+    obs = observe_runtime(answer, pod, view.info.node)
+    if await write_status(state, pool, record, obs) and resume:
         step = (status.get("lastCheckpoint") or {}).get("step")
         _event(record, REASON_RESUMED, f"resumed on {pod} from the checkpoint of step {step}")
 
 
-async def _suspend_waiting(state: OperatorState, pool: Pool, records: list[ExperimentRecord]) -> None:
+async def _show_suspended(state: OperatorState, pool: Pool, records: list[ExperimentRecord]) -> None:
     """Suspended experiments that are on no pod show phase Suspended."""
+    where = placements(pool, records)
+    writes = []
     for r in records:
-        if not r.spec.get("suspend") or r.key in pool.placements or r.deleting or r.parsed is None:
+        if (
+            not r.spec.get("suspend")
+            or r.key in where
+            or r.key in pool.busy
+            or r.deleting
+            or r.parsed is None
+        ):
             continue
         phase = pool.status_of(r).get("phase")
         if phase in TERMINAL_PHASES or phase in (None, "Pending"):
@@ -495,14 +715,18 @@ async def _suspend_waiting(state: OperatorState, pool: Pool, records: list[Exper
             )
         else:
             obs = Observed(phase="Suspended", reason=REASON_SUSPENDED, message="suspended (spec.suspend)")
-        await write_status(state, pool, r, obs)
+        writes.append(write_status(state, pool, r, obs))
+    await asyncio.gather(*writes)
 
 
-async def _write_runtime_status(state: OperatorState, pool: Pool, runtime: LoRARuntime) -> None:
+async def _write_runtime_status(
+    state: OperatorState, pool: Pool, runtime: LoRARuntime, records: list[ExperimentRecord]
+) -> None:
     cap = runtime.spec.capacity
+    where = placements(pool, records)
     pods = []
     for name, view in sorted(pool.pods.items()):
-        on_pod = sorted(k for k, p in pool.placements.items() if p.pod == name)
+        on_pod = sorted(k for k, p in where.items() if p == name)
         pods.append(
             {
                 "name": name,
@@ -536,138 +760,67 @@ def _count_phases(state: OperatorState, pool: Pool, records: list[ExperimentReco
         state.metrics.experiments.labels(phase).set(totals.get(phase, 0))
 
 
-# Polling one pod.
-
-
-async def poll_pod(
-    state: OperatorState, pool: Pool, info: PodInfo, records: list[ExperimentRecord], logger: logging.Logger
-) -> None:
-    """GET /v1/experiments from one pod, then patch the statuses that changed."""
-    view = pool.pods.get(info.name)
-    if view is None:
-        view = pool.pods[info.name] = PodView(info=info)
-    if info.url is None or pool.token is None:
-        return
-    if not info.ready and view.answer is None:
-        return  # still starting (loading its model): silence is expected, not a failure
-    asked = time.monotonic()
-    try:
-        answer = await state.runtime.list(info.url, pool.token)
-    except (RuntimeUnavailable, RuntimeRejected) as e:
-        view.failures += 1
-        if info.ready or view.answer is not None:
-            logger.info("runtime pod %s did not answer (%d in a row): %s", info.name, view.failures, e)
-        if _lost(state, view) is not None:
-            pool.wake()
-        return
-    was_new = view.answer is None
-    view.failures = 0
-    view.answer = {f"{s.namespace}/{s.name}": s for s in answer.experiments}
-    view.removed = frozenset(f"{r.namespace}/{r.name}" for r in answer.removed)
-    view.answered_at = asked
-    by_key = {r.key: r for r in records}
-    finished = []
-    async with pool.lock:
-        for key, s in sorted(view.answer.items()):
-            placement = pool.placements.get(key)
-            record = by_key.get(key)
-            if placement is None or placement.pod != info.name or placement.since > asked or record is None:
-                continue
-            if await _mirror(state, pool, record, s, info):
-                finished.append(key)
-    if finished or was_new:
-        pool.wake()
-
-
-async def _mirror(
-    state: OperatorState, pool: Pool, record: ExperimentRecord, s: ExperimentState, info: PodInfo
-) -> bool:
-    """Writes what the runtime says of one experiment; True when it has finished."""
-    if s.phase == "Removing":
-        return False  # leaving on the operator's DELETE; the status keeps what it says until then
-    before = pool.status_of(record).get("phase")
-    obs = observe_runtime(s, info.name, info.node)
-    if obs.phase == "Suspended":
-        return False  # the operator takes suspended experiments off their pod itself
-    await write_status(state, pool, record, obs)
-    if obs.phase in TERMINAL_PHASES and before not in TERMINAL_PHASES:
-        if obs.phase == "Succeeded":
-            _event(record, REASON_SUCCEEDED, f"trained {s.step} steps on {info.name}; reward {s.reward.mean}")
-        else:
-            _event(record, REASON_FAILED, obs.message, warning=True)
-        # Final checkpoint and the slot back; the status keeps what the DELETE wrote.
-        done, checkpoint = await _delete_from_pod(state, pool, record.key, info.name)
-        if done:
-            pool.placements.pop(record.key, None)
-            view = pool.pods.get(info.name)
-            if view is not None and view.answer is not None:
-                view.answer.pop(record.key, None)
-            if checkpoint:
-                await write_status(state, pool, record, dataclasses.replace(obs, checkpoint=checkpoint))
-        return True
-    return False
-
-
 # Deleting an experiment.
 
 
-async def release(state: OperatorState, pool: Pool, record: ExperimentRecord, logger: logging.Logger) -> None:
-    """Checkpoints a deleted experiment on its pod and frees the slot; gives up after delete_timeout."""
-    async with pool.lock:
-        pool.avoid_nodes.pop(record.key, None)
-        placement = pool.placements.get(record.key)
-        pod = placement.pod if placement else record.status.get("runtimePod")
-        if (pod and record.status.get("phase") not in TERMINAL_PHASES) or placement is not None:
-            deadline = time.monotonic() + state.config.delete_timeout
-            while True:
-                done, checkpoint = await _delete_from_pod(state, pool, record.key, pod)
-                if done:
-                    if checkpoint:
-                        _event(
-                            record,
-                            "Checkpointed",
-                            f"checkpointed at step {checkpoint.get('step')}: {checkpoint.get('path')}",
-                        )
-                    break
-                if time.monotonic() >= deadline:
-                    message = (
-                        f"runtime pod {pod} did not answer within {state.config.delete_timeout:.0f}s;"
-                        " deleted without a final checkpoint"
-                    )
-                    logger.warning("%s: %s", record.key, message)
-                    _event(record, REASON_RUNTIME_LOST, message, warning=True)
-                    break
-                await asyncio.sleep(min(2.0, state.config.poll_interval))
-        pool.placements.pop(record.key, None)
-        pool.written.pop(record.key, None)
+async def release(
+    state: OperatorState, pool: Pool, record: ExperimentRecord, elapsed: float, logger: logging.Logger
+) -> None:
+    """Checkpoints a deleted experiment on its pod and frees the slot, before its finalizer comes off.
+
+    `elapsed`: seconds since the deletion handler first ran. It waits (kopf.TemporaryError) until the
+    pool knows its pods and token (after a restart the handler may run before the pool's first pass)
+    and while the runtime writes the final checkpoint (202); a runtime that does not answer is asked
+    again (RuntimeUnavailable, which kopf retries) until delete_timeout, then given up on."""
+    timeout = state.config.delete_timeout
+    if not pool.synced:
+        if elapsed < timeout:
+            raise kopf.TemporaryError(f"waiting for LoRARuntime {pool.name}'s pods to be known", delay=1.0)
+        message = f"LoRARuntime {pool.name} has no known pods; deleted without a final checkpoint"
+        _event(record, REASON_RUNTIME_LOST, message, warning=True)
+        return
+    pod = placements(pool, [record]).get(record.key)
+    if pod is None or pod not in pool.pods:
+        return  # never placed, taken off already, or its pod is gone: nothing left to free
+    outcome, checkpoint = await _busy(pool, record.key, _delete_from_pod(state, pool, record.key, pod))
     pool.wake()
+    if outcome is Removal.WRITING:
+        raise kopf.TemporaryError(f"waiting for {pod} to write the final checkpoint", delay=0.5)
+    if outcome is Removal.UNANSWERED:
+        if elapsed < timeout:
+            raise RuntimeUnavailable(f"runtime pod {pod} did not answer the DELETE")
+        message = (
+            f"runtime pod {pod} did not answer within {timeout:.0f}s; deleted without a final checkpoint"
+        )
+        logger.warning("%s: %s", record.key, message)
+        _event(record, REASON_RUNTIME_LOST, message, warning=True)
+        return
+    if checkpoint:
+        step, path = checkpoint.get("step"), checkpoint.get("path")
+        _event(record, REASON_CHECKPOINTED, f"checkpointed at step {step}: {path}")
+    pool.written.pop(record.key, None)
 
 
 async def admit(
     state: OperatorState, pool: Pool, record: ExperimentRecord, problem: tuple[str, str] | None
 ) -> None:
     """The validation handler's verdict: Failed with the reason, or into the queue."""
-    async with pool.lock:
-        if problem is not None:
-            reason, message = problem
-            if await write_status(
-                state, pool, record, Observed(phase="Failed", reason=reason, message=message)
-            ):
-                _event(record, reason, message, warning=True)
-        elif pool.status_of(record).get("phase") in (None, "Pending"):
-            if record.spec.get("suspend"):
-                kueue = record.labels.get(LABEL_KUEUE_QUEUE)
-                reason = REASON_WAITING_FOR_KUEUE if kueue else REASON_SUSPENDED
-                message = (
-                    f"waiting for Kueue (queue {kueue}) to admit it" if kueue else "suspended (spec.suspend)"
-                )
-                await write_status(
-                    state, pool, record, Observed(phase="Suspended", reason=reason, message=message)
-                )
-            else:
-                message = f"admitted to LoRARuntime {record.spec.get('runtime')}; waiting for a place"
-                if await write_status(
-                    state, pool, record, Observed(phase="Queued", reason=REASON_ADMITTED, message=message)
-                ):
-                    _event(record, REASON_ADMITTED, message)
+    if problem is not None:
+        reason, message = problem
+        await write_status(state, pool, record, Observed(phase="Failed", reason=reason, message=message))
+    elif pool.status_of(record).get("phase") in (None, "Pending"):
+        if record.spec.get("suspend"):
+            kueue = record.labels.get(LABEL_KUEUE_QUEUE)
+            reason = REASON_WAITING_FOR_KUEUE if kueue else REASON_SUSPENDED
+            message = (
+                f"waiting for Kueue (queue {kueue}) to admit it" if kueue else "suspended (spec.suspend)"
+            )
+            await write_status(
+                state, pool, record, Observed(phase="Suspended", reason=reason, message=message)
+            )
+        else:
+            message = f"admitted to LoRARuntime {record.spec.get('runtime')}; waiting for a place"
+            await write_status(
+                state, pool, record, Observed(phase="Queued", reason=REASON_ADMITTED, message=message)
+            )
     pool.wake()

@@ -1,15 +1,15 @@
-"""What the operator keeps in memory (in kopf's memo): per LoRARuntime, its pods and placements.
+"""What the operator keeps in memory (in kopf's memo): per LoRARuntime, a cache of its pods, the
+runtimes' answers and the statuses written here.
 
-Nothing here is the source of truth across restarts: placements are written into each
-experiment's status (runtimePod), and a restarted operator adopts them again from there and
-checks them against the runtimes' answers (pool.py, `_recover`).
+Nothing here is a source of truth: where each experiment is comes from the runtimes' answers and the
+experiments' statuses (runtimePod) on every pass (pool.py), so a restarted operator, or one whose
+cache was dropped, takes the same decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -17,23 +17,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import aiohttp
+import kopf
+import pydantic
+
 from clora.api import LoRAExperimentSpec
-from clora.api.runtime_api import ExperimentState
+from clora.api.runtime_api import CheckpointRef, ExperimentState
 from clora.metrics import OperatorMetrics
 from clora_operator.config import OperatorConfig
-from clora_operator.k8s import KubeClient
+from clora_operator.k8s import Conflict, KubeClient, KubeError
 from clora_operator.pods import PodInfo
-from clora_operator.runtime_client import RuntimeClient
+from clora_operator.runtime_client import RuntimeClient, RuntimeUnavailable
 
 
 def experiment_key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
-
-
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """Hash of what the runtime must know of a spec; suspend and priority are the operator's business."""
-    shown = {k: v for k, v in spec.items() if k not in ("suspend", "priority")}
-    return hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +46,7 @@ class ExperimentRecord:
     labels: dict[str, str]
     created: float
     generation: int | None
+    resource_version: str | None
     deleting: bool
     parsed: LoRAExperimentSpec | None
     """The spec parsed by the models; None when it does not parse (the handler fails it)."""
@@ -78,6 +77,7 @@ class ExperimentRecord:
             labels=meta.get("labels") or {},
             created=_epoch(created),
             generation=meta.get("generation"),
+            resource_version=meta.get("resourceVersion"),
             deleting=bool(meta.get("deletionTimestamp")),
             parsed=parsed,
             problem=problem,
@@ -99,45 +99,68 @@ class PodView:
 
     info: PodInfo
     answer: dict[str, ExperimentState] | None = None
-    answered_at: float = 0.0
-    """time.monotonic() of the last good answer."""
+    asked_at: float = 0.0
+    """time.time() when the last good answer was asked for."""
     failures: int = 0
     """Polls in a row that got no answer."""
-    removed: frozenset[str] = frozenset()
-    """Experiments the runtime lists as removed (a DELETE finished after answering 202)."""
+    removed: dict[str, CheckpointRef | None] = field(default_factory=dict)
+    """Experiments the runtime lists as removed (a DELETE finished after answering 202), with the
+    final checkpoint of each."""
 
 
-@dataclass(slots=True)
-class Placement:
-    """An experiment the operator put on a pod."""
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A status this operator wrote, until the index shows the object has moved on."""
 
-    pod: str
-    spec_hash: str
-    since: float
-    """time.monotonic() when it was put there (0 for one adopted after a restart)."""
+    base_version: str
+    """The resourceVersion the write was computed from (what the index shows until it catches up)."""
+    version: str
+    status: dict[str, Any]
 
 
 @dataclass
 class Pool:
-    """One LoRARuntime's pods, placements and the statuses this operator wrote last."""
+    """One LoRARuntime as this operator last saw it. Every field is a cache of what the cluster and
+    the runtimes say (or work in flight): `forget` drops the caches at any time, and the next pass
+    takes the same decisions from the cluster and the runtimes alone."""
 
     namespace: str
     name: str
-    placements: dict[str, Placement] = field(default_factory=dict)
     pods: dict[str, PodView] = field(default_factory=dict)
-    written: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """key -> the status as last written here: newer than the index until the watch catches up."""
-    avoid_nodes: dict[str, frozenset[str]] = field(default_factory=dict)
-    """key -> nodes whose runtime pod lost that experiment (the scheduler prefers other nodes)."""
+    written: dict[str, Written] = field(default_factory=dict)
+    """key -> the status as last written here, newer than the index until the watch catches up."""
     token: str | None = None
-    recovered: bool = False
+    synced: bool = False
+    """Pods listed and token read since this pool was made: until then, no pod is known to be gone."""
+    busy: set[str] = field(default_factory=set)
+    """Experiments with a PUT or DELETE in flight: nothing else is decided for them until it ends."""
+    touched: dict[str, float] = field(default_factory=dict)
+    """key -> time.time() its last PUT or DELETE ended: a poll answer asked before that is older
+    than what the call's answer told, and is not applied to it."""
+    pollers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     kick: asyncio.Event = field(default_factory=asyncio.Event)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while placements change or statuses are written, so pollers and the scheduler agree."""
     status: dict[str, Any] = field(default_factory=dict)
 
+    def forget(self) -> None:
+        """Drops every cache (not the work in flight): what a restarted operator starts from."""
+        self.written.clear()
+        self.token = None
+        self.synced = False
+        self.status = {}
+        for view in self.pods.values():
+            view.answer, view.removed, view.failures = None, {}, 0
+
+    def current(self, record: ExperimentRecord) -> tuple[dict[str, Any], str | None]:
+        """The experiment's newest known status and the resourceVersion it belongs to: what this
+        operator wrote while the index still shows the object it wrote over, else the index."""
+        mine = self.written.get(record.key)
+        if mine is not None and record.resource_version == mine.base_version:
+            return mine.status, mine.version
+        self.written.pop(record.key, None)
+        return record.status, record.resource_version
+
     def status_of(self, record: ExperimentRecord) -> dict[str, Any]:
-        return self.written.get(record.key) or record.status
+        return self.current(record)[0]
 
     def wake(self) -> None:
         self.kick.set()
@@ -171,16 +194,43 @@ class OperatorState:
     closing: bool = False
     """Set when the operator stops, before its clients close."""
 
+    def count_error(self, kind: str, reason: str) -> None:
+        self.metrics.reconcile_errors.labels(kind, reason).inc()
+
     @contextlib.contextmanager
-    def counting_errors(self, kind: str) -> Iterator[None]:
-        """Counts an exception escaping a handler (then lets it go on to kopf's retries)."""
+    def handler_errors(self, kind: str) -> Iterator[None]:
+        """Counts an error escaping a handler by its reason, and steers kopf's retries by what it is:
+        a retry may fix an unreachable runtime or API server, or a write conflict (TemporaryError);
+        it cannot fix a spec that does not parse (PermanentError). kopf's own errors, raised on
+        purpose, pass as they are; anything else is a bug: counted, then kopf logs it with its
+        traceback and retries with backoff."""
         try:
             yield
-        except Exception:
-            self.metrics.reconcile_errors.labels(kind).inc()
+        except (kopf.TemporaryError, kopf.PermanentError):
+            raise
+        except RuntimeUnavailable as e:
+            self.count_error(kind, "RuntimeUnavailable")
+            raise kopf.TemporaryError(str(e), delay=self.config.poll_interval) from e
+        except Conflict as e:
+            self.count_error(kind, "Conflict")
+            raise kopf.TemporaryError(f"changed meanwhile, read again: {e}", delay=1.0) from e
+        except KubeError as e:
+            self.count_error(kind, f"HTTP{e.status}")
+            raise kopf.TemporaryError(
+                f"the API server refused: {e}", delay=5.0 if e.status >= 500 else 30.0
+            ) from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            self.count_error(kind, "APIUnavailable")
+            raise kopf.TemporaryError(f"the API server did not answer: {e!r}", delay=5.0) from e
+        except pydantic.ValidationError as e:
+            self.count_error(kind, "InvalidSpec")
+            raise kopf.PermanentError(str(e)) from e
+        except Exception as e:
+            self.count_error(kind, type(e).__name__)
             raise
 
     def reset_pool(self, namespace: str, runtime: str) -> Pool:
+        """A fresh pool: what the LoRARuntime's daemon starts from (cache-free, like a restart)."""
         self.pools[(namespace, runtime)] = Pool(namespace=namespace, name=runtime)
         return self.pools[(namespace, runtime)]
 

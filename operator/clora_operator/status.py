@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from clora.api import TERMINAL_PHASES
 from clora.api.runtime_api import ExperimentState
 from clora.constants import (
     COND_ADMITTED,
@@ -24,10 +25,15 @@ from clora.constants import (
     COND_SCHEDULED,
     COND_SUCCEEDED,
     REASON_ADMITTED,
+    REASON_CHECKPOINTED,
     REASON_INVALID,
     REASON_MISSING_DATASET,
+    REASON_PREEMPTED,
     REASON_RANK_TOO_HIGH,
+    REASON_RUNNING,
     REASON_RUNTIME_REJECTED,
+    REASON_SCHEDULED,
+    REASON_SUCCEEDED,
     REASON_TOKEN_BUDGET_TOO_HIGH,
     REASON_UNKNOWN_RUNTIME,
     REASON_WAITING_FOR_KUEUE,
@@ -160,6 +166,10 @@ def _experiment_conditions(
         (COND_FAILED, failed),
     ):
         conds = set_condition(conds, type_, status, why, text, **kw)
+    return _ordered(conds)
+
+
+def _ordered(conds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {t: i for i, t in enumerate((COND_ADMITTED, COND_SCHEDULED, COND_RUNNING, COND_CHECKPOINTED))}
     return sorted(conds, key=lambda c: order.get(c["type"], len(order)))
 
@@ -172,8 +182,14 @@ def experiment_status(
     generation: int | None,
     now: datetime,
 ) -> Status:
-    """The whole status an experiment should have, given its current one and what is observed."""
+    """The whole status an experiment should have, given its current one and what is observed.
+
+    Succeeded and Failed are final: once there, the phase never changes (only a newer checkpoint,
+    such as the final one a DELETE returns, is recorded). The step never falls below the step of the
+    checkpoint recorded (a resumed experiment restarts from there, not from 0)."""
     cur = dict(current or {})
+    if cur.get("phase") in TERMINAL_PHASES:
+        return _final(cur, obs, now=now, generation=generation)
     state = obs.state
     checkpoint: Mapping[str, Any] | None = cur.get("lastCheckpoint")
     if state is not None and state.last_checkpoint is not None:
@@ -183,6 +199,7 @@ def experiment_status(
     if checkpoint:
         checkpoint = {k: v for k, v in checkpoint.items() if v is not None}
     step = state.step if state is not None else cur.get("step", 0)
+    step = max(step or 0, int((checkpoint or {}).get("step") or 0))
     reward = (
         state.reward.model_dump(mode="json", by_alias=True, exclude_none=True)
         if state is not None
@@ -192,7 +209,7 @@ def experiment_status(
     start = cur.get("startTime")
     if start is None and obs.phase == "Running":
         start = timestamp(state.started_at) if state is not None and state.started_at else timestamp(now)
-    terminal = obs.phase in ("Succeeded", "Failed")
+    terminal = obs.phase in TERMINAL_PHASES
     completion = (cur.get("completionTime") or timestamp(now)) if terminal else None
     kw: dict[str, Any] = {"now": now, "generation": generation}
     return {
@@ -209,6 +226,81 @@ def experiment_status(
         "observedGeneration": generation,
         "conditions": _experiment_conditions(list(cur.get("conditions") or []), obs, checkpoint, **kw),
     }
+
+
+def _final(cur: Status, obs: Observed, *, now: datetime, generation: int | None) -> Status:
+    """A Succeeded or Failed status: only a newer checkpoint (the final one) is recorded."""
+    checkpoint = obs.checkpoint
+    if not checkpoint and obs.state is not None and obs.state.last_checkpoint is not None:
+        checkpoint = obs.state.last_checkpoint.model_dump(mode="json", by_alias=True)
+    old = cur.get("lastCheckpoint") or {}
+    if not checkpoint or not checkpoint.get("path") or checkpoint.get("path") == old.get("path"):
+        return cur
+    if int(checkpoint.get("step") or 0) < int(old.get("step") or 0):
+        return cur
+    checkpoint = {k: v for k, v in checkpoint.items() if v is not None}
+    text = f"step {checkpoint.get('step')} at {checkpoint.get('path')}"
+    conds = set_condition(
+        list(cur.get("conditions") or []),
+        COND_CHECKPOINTED,
+        "True",
+        "Checkpointed",
+        text,
+        now=now,
+        generation=generation,
+    )
+    return {
+        **cur,
+        "lastCheckpoint": checkpoint,
+        "step": max(int(cur.get("step") or 0), int(checkpoint.get("step") or 0)),
+        "conditions": _ordered(conds),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A Kubernetes Event to post about an experiment."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+def transition_events(before: Mapping[str, Any], after: Mapping[str, Any], obs: Observed) -> list[Event]:
+    """The Events a status write from `before` to `after` is worth: one per phase transition and one
+    per new checkpoint. A write that changes neither (step, reward) posts none, so a poll that
+    repeats what is known never repeats an Event."""
+    events = []
+    was, now = before.get("phase"), after.get("phase")
+    if now != was:
+        pod, node = after.get("runtimePod"), after.get("node")
+        if now == "Scheduled":
+            events.append(Event(REASON_SCHEDULED, f"placed on {pod} (node {node})"))
+        elif now == "Running":
+            if was != "Scheduled":  # placed and running in one write: both transitions are news
+                events.append(Event(REASON_SCHEDULED, f"placed on {pod} (node {node})"))
+            events.append(Event(REASON_RUNNING, f"training on {pod} (node {node})"))
+        elif now == "Queued" and was in (None, "Pending"):
+            events.append(Event(REASON_ADMITTED, obs.message))
+        elif now == "Queued":
+            # Preempted by X, RuntimeLost, ...: why it went back to the queue.
+            events.append(
+                Event(obs.reason, f"requeued: {obs.message}", warning=obs.reason != REASON_PREEMPTED)
+            )
+        elif now == "Suspended":
+            events.append(Event(obs.reason, obs.message))
+        elif now == "Succeeded":
+            events.append(
+                Event(REASON_SUCCEEDED, f"{obs.message}; reward {(after.get('reward') or {}).get('mean')}")
+            )
+        elif now == "Failed":
+            events.append(Event(obs.reason, obs.message, warning=True))
+    old_cp, new_cp = before.get("lastCheckpoint") or {}, after.get("lastCheckpoint") or {}
+    if new_cp.get("path") and new_cp.get("path") != old_cp.get("path"):
+        events.append(
+            Event(REASON_CHECKPOINTED, f"checkpointed at step {new_cp.get('step')}: {new_cp['path']}")
+        )
+    return events
 
 
 def _without_times(value: Any) -> Any:

@@ -96,6 +96,12 @@ def save(
     return target, now
 
 
+def read_step(path: Path) -> int:
+    """The step a checkpoint was taken at (from its state.json; 0 when it has none)."""
+    meta_file = Path(path) / "state.json"
+    return int(json.loads(meta_file.read_text()).get("step", 0)) if meta_file.is_file() else 0
+
+
 def load(bank: AdapterBank, key: str, path: Path) -> TrainingState:
     """Load weights and optimizer state into the adapter `key` (already in the bank, same shape)."""
     path = Path(path)
@@ -114,7 +120,7 @@ def load(bank: AdapterBank, key: str, path: Path) -> TrainingState:
         # load_state_dict casts state onto the parameters' device; lr comes from the spec each step.
     meta = json.loads((path / "state.json").read_text()) if (path / "state.json").is_file() else {}
     return TrainingState(
-        step=int(meta.get("step", 0)),
+        step=read_step(path),
         rewards=[float(r) for r in meta.get("rewards", [])],
         queue_consumed=int(meta.get("queueConsumed", 0)),
     )

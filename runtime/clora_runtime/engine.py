@@ -52,6 +52,7 @@ from clora.api.runtime_api import (
     RolloutList,
     Sample,
     StepStats,
+    spec_digest,
 )
 from clora.metrics import RuntimeMetrics
 from clora_runtime import checkpoint
@@ -163,6 +164,7 @@ class Experiment:
             started_at=self.started_at,
             message=self.message,
             stats=self.stats,
+            spec_digest=spec_digest(self.spec),
         )
 
 
@@ -283,6 +285,10 @@ class Engine:
             if spec.suspend:
                 exp.phase, exp.message = "Suspended", "suspended before it started"
                 exp.resume_from = resume_from
+                if resume_from is not None:
+                    # Report the step it will resume at from now on, not 0 until it is resumed.
+                    exp.step = checkpoint.read_step(Path(resume_from))
+                    exp.last_checkpoint = CheckpointRef(step=exp.step, path=resume_from, time=None)
             else:
                 self._admit(exp, resume_from)
             self._update_slot_metrics()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
@@ -11,7 +12,7 @@ from clora.api import TERMINAL_PHASES
 from clora.constants import EXPERIMENT_KIND, EXPERIMENT_PLURAL, GROUP, VERSION
 from clora_operator import admission, pool
 from clora_operator.config import OperatorConfig
-from clora_operator.state import ExperimentRecord, state_of
+from clora_operator.state import ExperimentRecord, OperatorState, state_of
 
 RESOURCE = (GROUP, VERSION, EXPERIMENT_PLURAL)
 
@@ -31,6 +32,11 @@ async def validate(
     if status.get("phase") in TERMINAL_PHASES:
         return
     state = state_of(memo)
+    with state.handler_errors(EXPERIMENT_KIND):
+        await _validate(state, namespace, body, spec)
+
+
+async def _validate(state: OperatorState, namespace: str, body: kopf.Body, spec: kopf.Spec) -> None:
     record = ExperimentRecord.from_body(body)
     runtime_name = str(spec.get("runtime", ""))
     runtime = await state.kube.get_runtime(namespace, runtime_name) if runtime_name else None
@@ -39,18 +45,25 @@ async def validate(
     if ref and ref.get("name"):
         configmap = await state.kube.get_configmap(namespace, ref["name"])
     problem = admission.check(spec, namespace, runtime, configmap)
-    with state.counting_errors(EXPERIMENT_KIND):
-        await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
+    await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
 
 
 async def delete(
-    namespace: str, body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    namespace: str,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    runtime: datetime.timedelta,
+    **_: Any,
 ) -> None:
-    """Checkpoint on the runtime, free the slot; never blocks deletion for longer than delete_timeout."""
+    """The final checkpoint on the runtime and the slot back, before the finalizer comes off; waits
+    while the runtime writes the checkpoint, gives up after delete_timeout only when it does not answer."""
     state = state_of(memo)
     record = ExperimentRecord.from_body(body)
-    with state.counting_errors(EXPERIMENT_KIND):
-        await pool.release(state, state.pool(namespace, str(spec.get("runtime", ""))), record, logger)
+    with state.handler_errors(EXPERIMENT_KIND):
+        runtime_pool = state.pool(namespace, str(spec.get("runtime", "")))
+        await pool.release(state, runtime_pool, record, runtime.total_seconds(), logger)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
@@ -58,5 +71,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     kopf.on.create(*RESOURCE, registry=registry, id="validate")(validate)
     kopf.on.resume(*RESOURCE, registry=registry, id="validate")(validate)
     kopf.on.update(*RESOURCE, registry=registry, id="revalidate", field="spec")(validate)
-    # The handler itself gives up after delete_timeout; kopf's retries cover API errors only.
-    kopf.on.delete(*RESOURCE, registry=registry, id="release", retries=3, backoff=2)(delete)
+    # Retried (TemporaryError) until the runtime has answered; the handler itself gives up after
+    # delete_timeout when the runtime does not answer, so no retry limit here.
+    kopf.on.delete(*RESOURCE, registry=registry, id="release", backoff=2)(delete)

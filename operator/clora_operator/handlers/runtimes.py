@@ -1,4 +1,4 @@
-"""LoRARuntime handlers: one daemon per runtime keeps its pool and places its experiments."""
+"""LoRARuntime handlers: one daemon per runtime keeps its pool, polls its pods, places its experiments."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ RESOURCE = (GROUP, VERSION, RUNTIME_PLURAL)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
-    @kopf.daemon(*RESOURCE, registry=registry, id="pool", cancellation_timeout=10.0)
+    # An error ends the daemon (counted by its reason); kopf starts it again after the error's delay,
+    # with a fresh pool: every pass decides from the cluster and the runtimes, not from memory.
+    @kopf.daemon(*RESOURCE, registry=registry, id="pool", cancellation_timeout=10.0, backoff=2.0)
     async def pool_loop(
         stopped: kopf.DaemonStopped,
         namespace: str,
@@ -29,21 +31,23 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         **_: Any,
     ) -> None:
         state = state_of(memo)
-        # A fresh picture each time the daemon starts (operator start, or resumed after peering
-        # paused it): placements are adopted again from the experiments' statuses.
         runtime_pool = state.reset_pool(namespace, name)
-        while not stopped and not state.closing:
-            try:
-                runtime = LoRARuntime.model_validate(dict(body))
-                records = list(experiments_by_runtime.get((namespace, name), []))
-                with state.counting_errors(RUNTIME_KIND):
+
+        def records() -> list[ExperimentRecord]:
+            return list(experiments_by_runtime.get((namespace, name), []))
+
+        try:
+            while not stopped and not state.closing:
+                with state.handler_errors(RUNTIME_KIND):
+                    runtime = LoRARuntime.model_validate(dict(body))
                     await pool.reconcile(state, runtime, records, logger)
-            except Exception:
-                if stopped or state.closing:
-                    break  # the operator is stopping and has closed its clients under us
-                # The loop must outlive any one failure: log it and try again at the next pass.
-                logger.exception("reconciling LoRARuntime %s/%s failed; retrying", namespace, name)
-            await runtime_pool.nap(config.reconcile_interval, stopped)
+                await runtime_pool.nap(config.reconcile_interval, stopped)
+        except Exception:
+            if stopped or state.closing:
+                return  # the operator is stopping and has closed its clients under us
+            raise
+        finally:
+            pool.stop_pollers(runtime_pool)
 
     @kopf.on.field(*RESOURCE, registry=registry, id="kick", field="spec")
     def spec_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:

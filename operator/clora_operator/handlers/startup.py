@@ -61,7 +61,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         memo[MEMO_KEY] = OperatorState(
             config=config,
             metrics=metrics,
-            kube=KubeClient.connect(settings, logger),
+            kube=await KubeClient.connect(),
             runtime=RuntimeClient(),
         )
         logger.info("clora operator started: %s", config.model_dump(mode="json"))
