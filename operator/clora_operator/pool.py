@@ -278,6 +278,11 @@ async def _poll_loop(
         await asyncio.sleep(state.config.poll_interval)
 
 
+def _merge(new: dict[str, Any], old: dict[str, Any], stale: set[str]) -> dict[str, Any]:
+    """`new`, except for the `stale` keys, which keep what `old` says of them."""
+    return {k: v for k, v in new.items() if k not in stale} | {k: v for k, v in old.items() if k in stale}
+
+
 async def poll_pod(
     state: OperatorState, pool: Pool, view: PodView, records: list[ExperimentRecord], logger: logging.Logger
 ) -> None:
@@ -298,19 +303,15 @@ async def poll_pod(
             pool.wake()
         return
     # An experiment whose PUT or DELETE ended after this GET was asked is as that call left it.
+    for key in [k for k, t in pool.touched.items() if t < asked - 60]:
+        del pool.touched[key]
     stale = {k for k, t in pool.touched.items() if t >= asked}
-    old_answer = view.answer or {}
     listed = {f"{s.namespace}/{s.name}": s for s in answer.experiments}
+    removed = {f"{r.namespace}/{r.name}": r.checkpoint for r in answer.removed}
     was_new = view.answer is None
     view.failures = 0
-    view.answer = {k: s for k, s in listed.items() if k not in stale} | {
-        k: s for k, s in old_answer.items() if k in stale
-    }
-    view.removed = {
-        f"{r.namespace}/{r.name}": r.checkpoint
-        for r in answer.removed
-        if f"{r.namespace}/{r.name}" not in stale
-    }
+    view.answer = _merge(listed, view.answer or {}, stale)
+    view.removed = _merge(removed, view.removed, stale)
     view.asked_at = asked
     where = placements(pool, records)
     writes = []
@@ -773,6 +774,8 @@ async def release(
     and while the runtime writes the final checkpoint (202); a runtime that does not answer is asked
     again (RuntimeUnavailable, which kopf retries) until delete_timeout, then given up on."""
     timeout = state.config.delete_timeout
+    if not pool.synced and not pool.status_of(record).get("runtimePod") and record.key not in pool.busy:
+        return  # never placed (refused, or still queued): nothing to free
     if not pool.synced:
         if elapsed < timeout:
             raise kopf.TemporaryError(f"waiting for LoRARuntime {pool.name}'s pods to be known", delay=1.0)
