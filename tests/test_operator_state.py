@@ -149,9 +149,19 @@ async def test_a_write_computed_from_a_stale_status_conflicts_and_is_counted(clu
         assert not await pool.write_status(state, runtime_pool, stale, running(5))
         assert errors(state, "LoRAExperiment", "Conflict") == 1
         assert cluster.status("x")["step"] == 3  # the stale write did not land
-        # Computed again from the newer object, it does.
-        assert await pool.write_status(state, runtime_pool, record(cluster, "x"), running(5))
+        # The conflict read the newer object: the next write, from the same stale record, lands.
+        assert await pool.write_status(state, runtime_pool, stale, running(5))
         assert cluster.status("x")["step"] == 5
+        assert cluster.status("x")["message"] == "training"
+
+        # A handler's write raises instead, so kopf runs the handler again on the newer object.
+        await cluster.create(EXPERIMENTS, experiment("y"))
+        stale = record(cluster, "y")
+        await edit_status(cluster, "y", {"message": "edited meanwhile"})
+        with pytest.raises(k8s.Conflict):
+            await pool.admit(state, runtime_pool, stale, None)
+        await pool.admit(state, runtime_pool, record(cluster, "y"), None)
+        assert cluster.status("y")["phase"] == "Queued"
     finally:
         await state.kube.close()
         await state.runtime.close()

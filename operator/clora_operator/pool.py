@@ -85,10 +85,20 @@ def _checkpoint_dict(ref: CheckpointRef | None) -> dict[str, Any] | None:
 # Status writes.
 
 
-async def write_status(state: OperatorState, pool: Pool, record: ExperimentRecord, obs: Observed) -> bool:
+async def write_status(
+    state: OperatorState,
+    pool: Pool,
+    record: ExperimentRecord,
+    obs: Observed,
+    *,
+    conflict_raises: bool = False,
+) -> bool:
     """Patches the experiment's status to what `obs` says, if that changes anything but timestamps,
     and posts the Events of the transition. False when nothing was written: no change, the object is
-    gone, or it changed since it was read (409: the next pass computes again from the newer one)."""
+    gone, or it changed since it was read (409). On a conflict the object is read again (the pool's
+    cache holds it until the index catches up) and the write is not retried here: the decision that
+    led to it is taken again on the newer status, by the next pass, or by kopf's retry of the handler
+    when `conflict_raises` (k8s.Conflict, which `handler_errors` makes a TemporaryError)."""
     current, version = pool.current(record)
     desired = experiment_status(current, obs, spec=record.spec, generation=record.generation, now=_now())
     patch = status_patch(current, desired)
@@ -97,21 +107,29 @@ async def write_status(state: OperatorState, pool: Pool, record: ExperimentRecor
     try:
         answer = await state.kube.patch_experiment_status(record.namespace, record.name, patch, version)
     except k8s.Conflict:
-        state.count_error(EXPERIMENT_KIND, "Conflict")
-        pool.written.pop(record.key, None)
+        fresh = await state.kube.get_experiment(record.namespace, record.name)
+        if fresh is not None:
+            _remember(pool, record, fresh)
         pool.wake()
+        if conflict_raises:
+            raise
+        state.count_error(EXPERIMENT_KIND, "Conflict")
         return False
     if answer is None:
         return False
-    meta = answer.get("metadata") or {}
-    pool.written[record.key] = Written(
-        base_version=record.resource_version or "",
-        version=meta.get("resourceVersion") or "",
-        status=answer.get("status") or {},
-    )
+    _remember(pool, record, answer)
     for event in transition_events(current, desired, obs):
         _event(record, event.reason, event.message, warning=event.warning)
     return True
+
+
+def _remember(pool: Pool, record: ExperimentRecord, obj: dict[str, Any]) -> None:
+    """The object as the API server last answered: newer than the index until the watch catches up."""
+    pool.written[record.key] = Written(
+        base_version=record.resource_version or "",
+        version=(obj.get("metadata") or {}).get("resourceVersion") or "",
+        status=obj.get("status") or {},
+    )
 
 
 def _event(record: ExperimentRecord, reason: str, message: str, *, warning: bool = False) -> None:
@@ -807,10 +825,12 @@ async def release(
 async def admit(
     state: OperatorState, pool: Pool, record: ExperimentRecord, problem: tuple[str, str] | None
 ) -> None:
-    """The validation handler's verdict: Failed with the reason, or into the queue."""
+    """The validation handler's verdict: Failed with the reason, or into the queue. A write that
+    conflicts raises (kopf runs the handler again on the newer object)."""
+    obs: Observed | None = None
     if problem is not None:
         reason, message = problem
-        await write_status(state, pool, record, Observed(phase="Failed", reason=reason, message=message))
+        obs = Observed(phase="Failed", reason=reason, message=message)
     elif pool.status_of(record).get("phase") in (None, "Pending"):
         if record.spec.get("suspend"):
             kueue = record.labels.get(LABEL_KUEUE_QUEUE)
@@ -818,12 +838,10 @@ async def admit(
             message = (
                 f"waiting for Kueue (queue {kueue}) to admit it" if kueue else "suspended (spec.suspend)"
             )
-            await write_status(
-                state, pool, record, Observed(phase="Suspended", reason=reason, message=message)
-            )
+            obs = Observed(phase="Suspended", reason=reason, message=message)
         else:
             message = f"admitted to LoRARuntime {record.spec.get('runtime')}; waiting for a place"
-            await write_status(
-                state, pool, record, Observed(phase="Queued", reason=REASON_ADMITTED, message=message)
-            )
+            obs = Observed(phase="Queued", reason=REASON_ADMITTED, message=message)
+    if obs is not None:
+        await write_status(state, pool, record, obs, conflict_raises=True)
     pool.wake()
