@@ -119,7 +119,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
                     continue
             yield event
 
-    def _stored_version(self, request: Any) -> str | None:
+    def _stored(self, request: Any) -> dict[str, Any]:
+        """The metadata of the object a request names, as stored ({} if there is none)."""
         for (res, ns, name), obj in list(self.objects.items()):
             if (
                 res == request.resource
@@ -127,19 +128,14 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 and name == request.name
                 and not obj.deleted
             ):
-                return (obj.raw.get("metadata") or {}).get("resourceVersion")
-        return None
+                return obj.raw.get("metadata") or {}
+        return {}
+
+    def _stored_version(self, request: Any) -> str | None:
+        return self._stored(request).get("resourceVersion")
 
     def _generation(self, request: Any) -> int:
-        for (res, ns, name), obj in list(self.objects.items()):
-            if (
-                res == request.resource
-                and ns == request.namespace
-                and name == request.name
-                and not obj.deleted
-            ):
-                return int((obj.raw.get("metadata") or {}).get("generation") or 1)
-        return 1
+        return int(self._stored(request).get("generation") or 1)
 
 
 class Cluster:
@@ -506,6 +502,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def local_kubelet(cluster: Cluster, workdir: Path, second_octet: int, *, proxied: bool = False) -> Kubelet:
+    """A Kubelet whose pods get addresses 127.<second_octet + pid>.<pid>.N (no clash between test
+    processes), running each runtime on one thread."""
+    pid = os.getpid()
+    return Kubelet(
+        cluster=cluster,
+        workdir=workdir,
+        ip_prefix=f"127.{second_octet + pid % 50}.{pid // 100 % 250}",
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CLORA_LOG_LEVEL": "warning"},
+        proxied=proxied,
+    )
 
 
 @contextlib.asynccontextmanager

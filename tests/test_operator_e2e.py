@@ -31,6 +31,7 @@ from operator_fixtures import (
     Cluster,
     Kubelet,
     emulated_cluster,
+    local_kubelet,
     running_operator,
 )
 
@@ -183,17 +184,10 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
         unresponsive_after=6.0,
         delete_timeout=10.0,
     )
-    pid = os.getpid()
-    ip_prefix = f"127.{100 + pid % 100}.{pid // 100 % 250}"
     measurements: dict[str, str] = {}
     async with emulated_cluster(tmp_path) as cluster:
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig(tmp_path / "kubeconfig"))
-        kubelet = Kubelet(
-            cluster=cluster,
-            workdir=tmp_path,
-            ip_prefix=ip_prefix,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CLORA_LOG_LEVEL": "warning"},
-        )
+        kubelet = local_kubelet(cluster, tmp_path, 100)
         s = Scenario(cluster, kubelet)
         async with kubelet:
             await cluster.add_node("node-a", {"accelerator": "cpu"})

@@ -23,8 +23,8 @@ from operator_fixtures import (
     EXPERIMENTS,
     NS,
     RUNTIMES,
-    Kubelet,
     emulated_cluster,
+    local_kubelet,
     running_operator,
 )
 from test_operator_e2e import LONG, RUNTIME, Scenario, experiment, free_port
@@ -46,18 +46,10 @@ async def test_a_slow_runtime_holds_up_nothing_else(tmp_path: Path) -> None:
         unresponsive_after=120.0,  # the hung pod stays in the pool for the whole test
         delete_timeout=25.0,
     )
-    pid = os.getpid()
-    ip_prefix = f"127.{200 + pid % 50}.{pid // 100 % 250}"
     measurements: dict[str, str] = {}
     async with emulated_cluster(tmp_path) as cluster:
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig(tmp_path / "kubeconfig"))
-        kubelet = Kubelet(
-            cluster=cluster,
-            workdir=tmp_path,
-            ip_prefix=ip_prefix,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CLORA_LOG_LEVEL": "warning"},
-            proxied=True,
-        )
+        kubelet = local_kubelet(cluster, tmp_path, 200, proxied=True)
         s = Scenario(cluster, kubelet)
         async with kubelet, running_operator(config):
             await cluster.add_node("node-a")

@@ -219,7 +219,7 @@ async def test_dropping_the_cache_between_two_passes_changes_no_decision(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     pid = os.getpid()
-    ip = f"127.{150 + pid % 100}.{pid // 100 % 250}.2"
+    ip = f"127.{150 + pid % 50}.{pid // 100 % 250}.2"
     server = start_runtime_server(tmp_path / "checkpoints", host=ip, port=RUNTIME_PORT)
     state = await operator_state(poll_interval=300.0)  # the test polls, not the pollers
     try:
