@@ -125,8 +125,12 @@ async def write_status(
 
 def _remember(pool: Pool, record: ExperimentRecord, obj: dict[str, Any]) -> None:
     """The object as the API server last answered: newer than the index until the watch catches up."""
+    older = {record.resource_version or ""}
+    previous = pool.written.get(record.key)
+    if previous is not None and record.resource_version in previous.superseded:
+        older |= previous.superseded | {previous.version}  # written over a write the index lacks too
     pool.written[record.key] = Written(
-        base_version=record.resource_version or "",
+        superseded=frozenset(older),
         version=(obj.get("metadata") or {}).get("resourceVersion") or "",
         status=obj.get("status") or {},
     )
@@ -237,7 +241,7 @@ def note_pod(pool: Pool, body: dict[str, Any], deleted: bool) -> None:
 
 
 async def _reconcile_pods(
-    state: OperatorState, pool: Pool, runtime: LoRARuntime, busy: frozenset[str], logger: logging.Logger
+    state: OperatorState, pool: Pool, runtime: LoRARuntime, occupied: frozenset[str], logger: logging.Logger
 ) -> None:
     ns, name = runtime.metadata.namespace, runtime.metadata.name
     nodes = [
@@ -252,7 +256,8 @@ async def _reconcile_pods(
         for v in pool.pods.values()
         if not v.info.deleting and v.failures * state.config.poll_interval >= state.config.unresponsive_after
     }
-    plan = plan_pods(runtime, nodes, infos, image=runtime.spec.image or state.config.runtime_image, busy=busy)
+    image = runtime.spec.image or state.config.runtime_image
+    plan = plan_pods(runtime, nodes, infos, image=image, busy=occupied)
     for body in plan.create:
         logger.info("creating runtime pod %s", body["metadata"]["name"])
         await state.kube.create_pod(ns, body)
@@ -265,8 +270,8 @@ async def _reconcile_pods(
 
 
 def keep_pollers(state: OperatorState, pool: Pool, records: Records, logger: logging.Logger) -> None:
-    """One poller per pod: started for new pods, stopped for gone ones, restarted (after counting and
-    logging its error) when one ended."""
+    """One poller per pod: started for new pods, stopped for gone ones, restarted (after logging its
+    error) when one ended."""
     for name in list(pool.pollers):
         task = pool.pollers[name]
         if name in pool.pods and not task.done():
@@ -275,8 +280,7 @@ def keep_pollers(state: OperatorState, pool: Pool, records: Records, logger: log
         if not task.done():
             task.cancel()
         elif not task.cancelled() and (error := task.exception()) is not None:
-            state.count_error("Pod", type(error).__name__)
-            logger.error("poller of %s failed; restarting it", name, exc_info=error)
+            logger.error("poller of %s failed (a bug, counted); restarting it", name, exc_info=error)
     for name in pool.pods:
         if name not in pool.pollers:
             pool.pollers[name] = asyncio.create_task(_poll_loop(state, pool, name, records, logger))
@@ -292,8 +296,14 @@ async def _poll_loop(
     state: OperatorState, pool: Pool, name: str, records: Records, logger: logging.Logger
 ) -> None:
     while (view := pool.pods.get(name)) is not None:
-        await poll_pod(state, pool, view, records(), logger)
-        await asyncio.sleep(state.config.poll_interval)
+        delay = state.config.poll_interval
+        try:
+            with state.handler_errors("Pod"):  # counted by reason; a bug ends the poller
+                await poll_pod(state, pool, view, records(), logger)
+        except kopf.TemporaryError as e:  # the API server refused or did not answer: poll again
+            logger.info("polling %s: %s", name, e)
+            delay = max(delay, e.delay or 0.0)
+        await asyncio.sleep(delay)
 
 
 def _merge(new: dict[str, Any], old: dict[str, Any], stale: set[str]) -> dict[str, Any]:
@@ -462,8 +472,8 @@ async def reconcile(
     pool = state.pool(runtime.metadata.namespace, runtime.metadata.name)
     if pool.token is None:
         pool.token = await ensure_token(state, runtime)
-    busy = frozenset(placements(pool, records()).values())
-    await _reconcile_pods(state, pool, runtime, busy, logger)
+    occupied = frozenset(placements(pool, records()).values())  # pods never replaced as stale
+    await _reconcile_pods(state, pool, runtime, occupied, logger)
     keep_pollers(state, pool, records, logger)
     # Ready pods never asked yet (a fresh pool, or one whose cache was dropped): their pollers ask at
     # once, and the pass waits for those answers (2 s at most), so no decision rests on not knowing.

@@ -112,8 +112,8 @@ class PodView:
 class Written:
     """A status this operator wrote, until the index shows the object has moved on."""
 
-    base_version: str
-    """The resourceVersion the write was computed from (what the index shows until it catches up)."""
+    superseded: frozenset[str]
+    """resourceVersions older than this write (what the index shows until it catches up)."""
     version: str
     status: dict[str, Any]
 
@@ -154,7 +154,7 @@ class Pool:
         """The experiment's newest known status and the resourceVersion it belongs to: what this
         operator wrote while the index still shows the object it wrote over, else the index."""
         mine = self.written.get(record.key)
-        if mine is not None and record.resource_version == mine.base_version:
+        if mine is not None and record.resource_version in mine.superseded:
             return mine.status, mine.version
         self.written.pop(record.key, None)
         return record.status, record.resource_version
