@@ -138,6 +138,16 @@ class StampingEmulator(kmock.KubernetesEmulator):
         return int(self._stored(request).get("generation") or 1)
 
 
+def lora_runtime(name: str, **spec: Any) -> dict[str, Any]:
+    """A LoRARuntime manifest on the tiny model in the test namespace; `spec` adds or overrides fields."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": RUNTIME_KIND,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"baseModel": "tiny", **spec},
+    }
+
+
 class Cluster:
     """The emulator plus the client calls a user (or kubectl) would make."""
 

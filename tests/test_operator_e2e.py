@@ -32,6 +32,7 @@ from operator_fixtures import (
     Kubelet,
     emulated_cluster,
     local_kubelet,
+    lora_runtime,
     running_operator,
 )
 
@@ -198,20 +199,15 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
             try:
                 await cluster.create(
                     RUNTIMES,
-                    {
-                        "apiVersion": "clora.dev/v1alpha1",
-                        "kind": "LoRARuntime",
-                        "metadata": {"name": RUNTIME, "namespace": NS},
-                        "spec": {
-                            "baseModel": "tiny",
-                            "nodeSelector": {"accelerator": "cpu"},
-                            "capacity": {"maxAdapters": 2, "maxRank": 8, "tokensPerTick": 4096},
-                            "checkpointVolume": {
-                                "hostPath": {"path": str(checkpoints)},
-                                "mountPath": str(checkpoints),
-                            },
+                    lora_runtime(
+                        RUNTIME,
+                        nodeSelector={"accelerator": "cpu"},
+                        capacity={"maxAdapters": 2, "maxRank": 8, "tokensPerTick": 4096},
+                        checkpointVolume={
+                            "hostPath": {"path": str(checkpoints)},
+                            "mountPath": str(checkpoints),
                         },
-                    },
+                    ),
                 )
                 # The pool: one pod per selected node, a token Secret, both ready.
                 await cluster.wait_for(

@@ -25,6 +25,7 @@ from operator_fixtures import (
     RUNTIMES,
     emulated_cluster,
     local_kubelet,
+    lora_runtime,
     running_operator,
 )
 from test_operator_e2e import LONG, RUNTIME, Scenario, experiment, free_port
@@ -56,19 +57,11 @@ async def test_a_slow_runtime_holds_up_nothing_else(tmp_path: Path) -> None:
             await cluster.add_node("node-b")
             await cluster.create(
                 RUNTIMES,
-                {
-                    "apiVersion": "clora.dev/v1alpha1",
-                    "kind": "LoRARuntime",
-                    "metadata": {"name": RUNTIME, "namespace": NS},
-                    "spec": {
-                        "baseModel": "tiny",
-                        "capacity": {"maxAdapters": 2, "maxRank": 8, "tokensPerTick": 4096},
-                        "checkpointVolume": {
-                            "hostPath": {"path": str(checkpoints)},
-                            "mountPath": str(checkpoints),
-                        },
-                    },
-                },
+                lora_runtime(
+                    RUNTIME,
+                    capacity={"maxAdapters": 2, "maxRank": 8, "tokensPerTick": 4096},
+                    checkpointVolume={"hostPath": {"path": str(checkpoints)}, "mountPath": str(checkpoints)},
+                ),
             )
             await cluster.wait_for(
                 "2 ready runtime pods", lambda: s.runtime_status().get("readyPods") == 2, timeout=180

@@ -14,7 +14,7 @@ import kopf
 import pytest
 import pytest_asyncio
 from kopf._core.engines import posting
-from operator_fixtures import EXPERIMENTS, NS, RUNTIMES, Cluster, emulated_cluster
+from operator_fixtures import EXPERIMENTS, NS, RUNTIMES, Cluster, emulated_cluster, lora_runtime
 from prometheus_client import CollectorRegistry
 from runtime_server import start_runtime_server
 
@@ -226,15 +226,7 @@ async def test_dropping_the_cache_between_two_passes_changes_no_decision(
         await cluster.add_node("node-a")
         await cluster.create(
             RUNTIMES,
-            {
-                "apiVersion": "clora.dev/v1alpha1",
-                "kind": "LoRARuntime",
-                "metadata": {"name": "pool", "namespace": NS},
-                "spec": {
-                    "baseModel": "tiny",
-                    "capacity": {"maxAdapters": 1, "maxRank": 8, "tokensPerTick": 4096},
-                },
-            },
+            lora_runtime("pool", capacity={"maxAdapters": 1, "maxRank": 8, "tokensPerTick": 4096}),
         )
         runtime = LoRARuntime.model_validate(cluster.get(RUNTIMES, NS, "pool"))
         assert server.token is not None

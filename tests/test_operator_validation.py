@@ -14,7 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-from operator_fixtures import EXPERIMENTS, NS, RUNTIMES, Cluster, emulated_cluster, running_operator
+from operator_fixtures import (
+    EXPERIMENTS,
+    NS,
+    RUNTIMES,
+    Cluster,
+    emulated_cluster,
+    lora_runtime,
+    running_operator,
+)
 
 from clora.api import LoRARuntime
 from clora_operator.config import OperatorConfig
@@ -49,15 +57,7 @@ async def start(cluster: Cluster, tmp_path: Path, **config: Any) -> Any:
     await cluster.add_node("node-a")
     await cluster.create(
         RUNTIMES,
-        {
-            "apiVersion": "clora.dev/v1alpha1",
-            "kind": "LoRARuntime",
-            "metadata": {"name": "pool", "namespace": NS},
-            "spec": {
-                "baseModel": "tiny",
-                "capacity": {"maxAdapters": 2, "maxRank": 16, "tokensPerTick": 4096},
-            },
-        },
+        lora_runtime("pool", capacity={"maxAdapters": 2, "maxRank": 16, "tokensPerTick": 4096}),
     )
     settings = {"standalone": True, "liveness_port": 0, "metrics_port": 0, "reconcile_interval": 1.0}
     return running_operator(OperatorConfig(**{**settings, **config}))
@@ -179,12 +179,7 @@ async def test_clora_operator_command_runs_against_the_emulator(tmp_path: Path) 
             await cluster.add_node("node-a")
             await cluster.create(
                 RUNTIMES,
-                {
-                    "apiVersion": "clora.dev/v1alpha1",
-                    "kind": "LoRARuntime",
-                    "metadata": {"name": "pool", "namespace": NS},
-                    "spec": {"baseModel": "tiny"},
-                },
+                lora_runtime("pool"),
             )
             await cluster.wait_for(
                 "token Secret", lambda: cluster.get("v1/secrets", NS, "pool-token"), timeout=60
