@@ -62,7 +62,14 @@ from clora_runtime.sampling import sampler_class
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward
 from clora_runtime.training.grpo import frac_zero_std, group_advantages, sequence_weights
-from clora_runtime.training.trainer import AdapterHyper, StepResult, Trainer, TrainRow, free_memory
+from clora_runtime.training.trainer import (
+    AdapterHyper,
+    StepResult,
+    TokenCounts,
+    Trainer,
+    TrainRow,
+    free_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,8 @@ class TickReport:
     tokens_sampled: int
     tokens_trained: int
     seconds: dict[str, float]  # phase -> seconds (sample, reward, train, sync)
+    tokens_prefilled: int = 0  # prompt tokens the sampler ran through the model (shared ones once)
+    train_counts: TokenCounts = field(default_factory=TokenCounts)  # what training ran, for FLOPs
     completions: dict[str, list[list[int]]] = field(default_factory=dict)  # key -> completion token ids
     rollouts: dict[str, list[Rollout]] = field(default_factory=dict)  # key -> this step's rollouts
 
@@ -615,6 +624,7 @@ class Engine:
         """One sampling batch for every plan; if it fails, plan by plan, so that only the experiment
         whose rows fail is failed."""
         requests = [plan.requests() for plan in plans]
+        prefilled = self.sampler.prefill_tokens if self.sampler is not None else 0
         try:
             completions = self._generate([r for rs in requests for r in rs])
             out, at = [], 0
@@ -637,6 +647,7 @@ class Engine:
                 self._fail(next(p.exp for p in plans if p.key == key), message)
                 report.failed[key] = message
         report.tokens_sampled = sum(len(c.token_ids) for _, cs in out for c in cs)
+        report.tokens_prefilled = (self.sampler.prefill_tokens if self.sampler is not None else 0) - prefilled
         return out
 
     def _generate(self, requests: list[SampleRequest]) -> list[Completion]:
@@ -715,6 +726,7 @@ class Engine:
                 self._fail(item.plan.exp, res.error)
                 report.failed[item.plan.key] = res.error
         report.tokens_trained = result.tokens
+        report.train_counts = result.counts
         return result, rows_of
 
     def _sync(

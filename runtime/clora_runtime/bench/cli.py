@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("throughput", help="N experiments together vs the same N one at a time")
     common(t)
+    t.set_defaults(steps=20)  # long enough that cold starts do not dominate; --steps 3 for a quick look
     t.add_argument("--experiments", type=int, default=8, help="N")
     t.add_argument(
         "--baseline",
@@ -41,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serial: clora's own engine, one process per experiment; trl: also TRL's GRPOTrainer",
     )
     t.add_argument("--plot", type=Path, default=None, help="PNG of reward curves and wall times")
+
+    w = sub.add_parser("rewards", help="clora vs TRL's GRPOTrainer: reward curves over several seeds")
+    common(w)
+    w.set_defaults(steps=20)
+    w.add_argument("--experiments", type=int, default=8, help="N specs per seed")
+    w.add_argument("--seeds", type=int, default=3, help="replicates: independent seeds for the same N specs")
+    w.add_argument("--jobs", type=int, default=1, help="processes at once (nothing is timed)")
+    w.add_argument("--plot", type=Path, default=None, help="PNG of the reward curves with 95%% bands")
 
     s = sub.add_parser("scaling", help="step time and throughput for N = 1, 2, 4, ... experiments")
     common(s)
@@ -62,7 +71,8 @@ def _write(result: dict[str, Any], path: Path | None, console: Console) -> None:
 
 
 def _throughput_table(r: dict[str, Any]) -> Table:
-    t = Table(title=f"{r['experiments']} experiments x {r['steps']} steps on {r['model']}")
+    c = r["config"]
+    t = Table(title=f"{c['experiments']} experiments x {c['steps']} steps on {c['model']}")
     for col in ("arm", "wall s", "exp/hour", "mean completion s", "step s", "cold start s", "peak MB"):
         t.add_column(col, justify="right")
     for name, a in r["arms"].items():
@@ -87,19 +97,39 @@ def main(args: argparse.Namespace) -> int:
         exps = bench_experiments(args.experiments, args.steps, templates)
         result = throughput.throughput(exps, args.model, args.device, args.baseline, args.threads, console)
         console.print(_throughput_table(result))
-        cmp = result["rewardComparison"]
+        r = result
         console.print(
-            f"throughput ratio (concurrent / serial): [bold]{result['throughputRatio']:.2f}x[/]; ceiling "
-            f"{result['ceiling']['ratio']:.2f}x; efficiency {result['ceiling']['efficiency']:.0%}"
-            + (f"; vs TRL {result['trlRatio']:.2f}x" if "trlRatio" in result else "")
+            f"concurrent / serial: [bold]{r['ratio']:.2f}x[/] with cold starts (batching limit"
+            f" {r['batchingLimit']:.2f}x, efficiency {r['efficiency']:.2f} ± {r['efficiencyNoise']:.2f});"
+            f" steady {r['steadyRatio']:.2f}x (limit {r['steadyBatchingLimit']:.2f}x, efficiency"
+            f" {r['steadyEfficiency']:.2f} ± {r['steadyEfficiencyNoise']:.2f})"
+            + (f"; vs TRL {r['vsTrl']:.2f}x" if "vsTrl" in r else "")
         )
         console.print(
-            f"final reward, concurrent - serial: {cmp['meanDifference']:+.3f}"
-            f" (noise {cmp['noiseOfMeanDifference']:.3f});"
-            f" no regression: {cmp['noRegression']}"
+            f"matmul {r['matmulGflops']:.1f} GFLOP/s; MFU sample {r['mfu']['sample']:.1%},"
+            f" train {r['mfu']['train']:.1%}; isolation check (packed = alone):"
+            f" {r['isolationCheck']['noRegression']}"
         )
         if args.plot:
             throughput.plot(result, args.plot)
+    elif args.bench == "rewards":
+        from clora_runtime.bench import rewards
+
+        replicates = [
+            bench_experiments(args.experiments, args.steps, templates, r) for r in range(args.seeds)
+        ]
+        result = rewards.rewards(replicates, args.model, args.device, args.threads, args.jobs, console)
+        d = result["cloraMinusTrl"]
+        for arm, band in result["reward"].items():
+            console.print(
+                f"{arm}: final reward {band['finalMean']:.3f} ± {band['finalSe']:.3f} ({band['runs']} runs)"
+            )
+        console.print(
+            f"final reward, clora - TRL: {d['difference']:+.3f} ± {d['standardError']:.3f} (paired over"
+            f" {d['pairs']} runs); no regression: {d['noRegression']}"
+        )
+        if args.plot:
+            rewards.plot(result, args.plot)
     elif args.bench == "scaling":
         from clora_runtime.bench import scaling
 

@@ -1,4 +1,15 @@
-"""`clora bench throughput`: N experiments on one warm runtime against the same N run one at a time."""
+"""`clora bench throughput`: N experiments on one warm runtime against the same N run one at a time,
+each figure beside the limit that bounds it, all measured in one run:
+
+- concurrent: one process trains the N experiments together (packed, as a runtime does);
+- serial: N processes, one experiment each, one after another (each pays its cold start, as jobs do);
+- limit: one process trains ONE adapter at the packed batch (N x promptsPerStep x groupSize rows):
+  what the ticks would cost if N adapters cost no more than one (the batching limit);
+- trl (with --baseline trl): TRL's GRPOTrainer, one experiment per process, one after another.
+
+The concurrent process also measures the device's dense matmul rate, against which each phase's
+model FLOP/s give its MFU (clora_runtime.bench.flops).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +21,18 @@ from typing import Any
 from rich.console import Console
 
 from clora.api import LoRAExperimentSpec
-from clora_runtime.bench.ceiling import CeilingRequest, CeilingResult, ceiling_ratio
+from clora_runtime.bench.flops import ModelShape, phase_rates
 from clora_runtime.bench.processes import run_module
-from clora_runtime.bench.stats import arm_summary, reward_comparison
+from clora_runtime.bench.stats import (
+    arm_summary,
+    packing_yardsticks,
+    paired_final_difference,
+    reward_band,
+    reward_comparison,
+    steady,
+    tick_seconds,
+)
 from clora_runtime.bench.worker import WorkerRequest, WorkerResult
-
-PROMPT_TOKENS_ESTIMATE = 40  # a chat-templated arithmetic prompt on smollm2's tokenizer
 
 
 def machine() -> dict[str, Any]:
@@ -40,14 +57,21 @@ def run_arm(
     threads: int | None,
     exps: list[tuple[str, str, LoRAExperimentSpec]],
     console: Console,
-) -> dict[str, Any]:
-    """kind: concurrent (one process, all experiments) | serial (one process each) | trl (TRL, one each)."""
+) -> tuple[dict[str, Any], list[WorkerResult]]:
+    """kind: concurrent (one process, all experiments) | limit (one process, one experiment at the
+    packed batch) | serial (one process each) | trl (TRL, one each). Its summary and its processes."""
     results: list[tuple[WorkerResult, float]] = []
-    if kind == "concurrent":
-        with console.status(f"[bold]concurrent[/]: {len(exps)} experiments on one warm runtime"):
+    if kind in ("concurrent", "limit"):
+        what = (
+            f"{len(exps)} experiments on one warm runtime"
+            if kind == "concurrent"
+            else "one adapter, packed batch"
+        )
+        with console.status(f"[bold]{kind}[/]: {what}"):
             request = WorkerRequest.of(model, device, threads, exps)
+            request.measure_matmul = kind == "concurrent"
             results.append(run_module("clora_runtime.bench.worker", request, WorkerResult))
-        console.log(f"concurrent: {results[0][1]:.1f} s")
+        console.log(f"{kind}: {results[0][1]:.1f} s")
     else:
         module = "clora_runtime.bench.worker" if kind == "serial" else "clora_runtime.bench.trl_worker"
         for i, exp in enumerate(exps, 1):
@@ -55,23 +79,36 @@ def run_arm(
                 request = WorkerRequest.of(model, device, threads, [exp])
                 results.append(run_module(module, request, WorkerResult))
             console.log(f"{kind} {i}/{len(exps)}: {results[-1][1]:.1f} s")
-    return arm_summary(results, len(exps))
+    return arm_summary(results, len(exps)), [r for r, _ in results]
 
 
-def measure_ceiling(
-    model: str, device: str, threads: int | None, rows: int, new_tokens: int, ns: list[int], console: Console
-) -> CeilingResult:
-    request = CeilingRequest(
-        model=model,
-        device=device,
-        threads=threads,
-        batches=sorted({rows * n for n in [1, *ns]}),
-        prompt_tokens=PROMPT_TOKENS_ESTIMATE,
-        new_tokens=new_tokens,
-    )
-    with console.status("[bold]ceiling[/]: raw sampling and forward+backward throughput"):
-        result, _ = run_module("clora_runtime.bench.ceiling", request, CeilingResult)
-    return result
+def packed_alone(exps: list[tuple[str, str, LoRAExperimentSpec]]) -> tuple[str, str, LoRAExperimentSpec]:
+    """The batching limit's one experiment: the first spec with N x its prompts per step, so ONE adapter
+    samples and trains the packed batch (N x promptsPerStep x groupSize rows, same lengths)."""
+    namespace, _, spec = exps[0]
+    spec = spec.model_copy(deep=True)
+    spec.training.prompts_per_step *= len(exps)
+    return namespace, "packed-alone", spec
+
+
+def arm_mfu(processes: list[WorkerResult], gflops: float) -> dict[str, Any]:
+    """Per phase: model FLOPs per second over the steady ticks of the arm's processes, and its MFU."""
+    totals: dict[str, dict[str, float]] = {}
+    for r in processes:
+        for phase, rate in phase_rates(steady(r.ticks), ModelShape.from_json(r.shape)).items():
+            t = totals.setdefault(phase, {"flops": 0.0, "seconds": 0.0})
+            t["flops"] += rate["flops"]
+            t["seconds"] += rate["seconds"]
+    out: dict[str, Any] = {}
+    for phase, t in totals.items():
+        achieved = t["flops"] / t["seconds"] / 1e9 if t["seconds"] else 0.0
+        out[phase] = {
+            "gflops": achieved,
+            "mfu": achieved / gflops,
+            "flops": t["flops"],
+            "seconds": t["seconds"],
+        }
+    return out
 
 
 def throughput(
@@ -84,67 +121,106 @@ def throughput(
 ) -> dict[str, Any]:
     n = len(exps)
     steps = exps[0][2].training.steps or 1
-    t = exps[0][2].training
-    rows = t.prompts_per_step * t.group_size
-    arms = {"concurrent": run_arm("concurrent", model, device, threads, exps, console)}
-    arms["serial"] = run_arm("serial", model, device, threads, exps, console)
-    if baseline == "trl":
-        arms["trl"] = run_arm("trl", model, device, threads, exps, console)
+    processes: dict[str, list[WorkerResult]] = {}
+    arms: dict[str, dict[str, Any]] = {}
+    for kind, arm_exps in (
+        ("concurrent", exps),
+        ("limit", [packed_alone(exps)]),
+        ("serial", exps),
+        *((("trl", exps),) if baseline == "trl" else ()),
+    ):
+        arms[kind], processes[kind] = run_arm(kind, model, device, threads, arm_exps, console)
     conc, serial = arms["concurrent"], arms["serial"]
-    ceiling = measure_ceiling(model, device, threads, rows, t.max_new_tokens, [n], console)
-    ratio = serial["wallSeconds"] / conc["wallSeconds"]
-    ceil = ceiling_ratio(ceiling, rows, n, steps, serial["coldStartSeconds"])
+    (packed,) = processes["concurrent"]
+    (limit,) = processes["limit"]
+    assert packed.matmul is not None
+    gflops = packed.matmul["gflops"]
+    yardsticks = packing_yardsticks(
+        n,
+        steps,
+        serial["wallSeconds"],
+        [x for r in processes["serial"] for x in tick_seconds(steady(r.ticks))],
+        conc["wallSeconds"],
+        tick_seconds(packed.ticks),
+        tick_seconds(limit.ticks),
+    )
+    phases = {kind: arm_mfu(processes[kind], gflops) for kind in ("concurrent", "limit", "serial")}
+    rows = exps[0][2].training.prompts_per_step * exps[0][2].training.group_size
     out: dict[str, Any] = {
-        "machine": machine(),
-        "model": model,
-        "experiments": n,
-        "steps": steps,
-        "rowsPerExperimentStep": rows,
-        "arms": arms,
-        "throughputRatio": ratio,
-        "rewardComparison": reward_comparison(conc, serial, rows),
-        "ceiling": {
-            "ratio": ceil,
-            "efficiency": ratio / ceil,
-            "points": [p.model_dump() for p in ceiling.points],
-            "promptTokens": ceiling.prompt_tokens,
-            "newTokens": ceiling.new_tokens,
+        **yardsticks,
+        "matmulGflops": gflops,
+        "mfu": {phase: rate["mfu"] for phase, rate in phases["concurrent"].items()},
+        "phaseRates": phases,
+        "reward": {
+            kind: reward_band(list(arms[kind]["rewards"].values())) for kind in arms if kind != "limit"
         },
+        "isolationCheck": {
+            "what": "concurrent vs serial: packed and alone compute the same numbers (an isolation check,"
+            " not evidence of no regression: see clora bench rewards)",
+            **reward_comparison(conc, serial, rows),
+        },
+        "machine": {**machine(), "device": packed.device, "dtype": packed.dtype, "threads": threads},
+        "config": {
+            "model": model,
+            "device": device,
+            "threads": threads,
+            "experiments": n,
+            "steps": steps,
+            "baseline": baseline,
+            "specs": [s.model_dump(mode="json", by_alias=True) for _, _, s in exps],
+            "matmul": packed.matmul,
+            "modelShape": packed.shape,
+        },
+        "arms": arms,
     }
     if "trl" in arms:
-        out["trlRatio"] = arms["trl"]["wallSeconds"] / conc["wallSeconds"]
-        out["rewardComparisonTrl"] = reward_comparison(conc, arms["trl"], rows)
+        out["vsTrl"] = arms["trl"]["wallSeconds"] / conc["wallSeconds"]
+        out["rewardVsTrl"] = paired_final_difference(conc["rewards"], arms["trl"]["rewards"])
     return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Left: the measured ratios beside their batching limits. Right: each arm's model GFLOP/s per
+    phase against the measured matmul rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = result["arms"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"concurrent": "-", "serial": "--", "trl": ":"}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for arm, summary in arms.items():
-        for i, (key, rewards) in enumerate(sorted(summary["rewards"].items())):
-            left.plot(
-                range(1, len(rewards) + 1),
-                rewards,
-                styles[arm],
-                color=colors[i % len(colors)],
-                label=f"{key.split('/')[-1]} ({arm})" if i < 4 else None,
-            )
-    left.set(xlabel="step", ylabel="mean reward", title="Reward per step (solid: concurrent, dashed: serial)")
-    left.legend(fontsize=7)
-    names = list(arms)
-    right.bar(names, [arms[a]["wallSeconds"] for a in names], color=colors[: len(names)])
-    right.set(
-        ylabel="wall seconds",
-        title=f"{result['experiments']} experiments x {result['steps']} steps: "
-        f"{result['throughputRatio']:.2f}x (ceiling {result['ceiling']['ratio']:.2f}x)",
+    bars = {
+        "ratio\n(cold starts)": result["ratio"],
+        "batching limit\n(cold starts)": result["batchingLimit"],
+        "steady ratio": result["steadyRatio"],
+        "steady\nbatching limit": result["steadyBatchingLimit"],
+    }
+    if "vsTrl" in result:
+        bars["vs TRL\n(cold starts)"] = result["vsTrl"]
+    colors = ["C0", "C7", "C0", "C7", "C2"][: len(bars)]
+    left.bar(list(bars), list(bars.values()), color=colors)
+    for i, v in enumerate(bars.values()):
+        left.text(i, v, f"{v:.2f}x", ha="center", va="bottom")
+    c = result["config"]
+    left.set(
+        ylabel="experiments/hour over the one-at-a-time arm",
+        title=f"{c['experiments']} experiments x {c['steps']} steps on {c['model']}: "
+        f"efficiency {result['efficiency']:.2f} (steady {result['steadyEfficiency']:.2f})",
     )
+    arms = list(result["phaseRates"])
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        rates = result["phaseRates"][arm]
+        phases = list(rates)
+        right.bar(
+            [j + i * width for j in range(len(phases))],
+            [rates[p]["gflops"] for p in phases],
+            width,
+            label=arm,
+        )
+    right.axhline(result["matmulGflops"], color="k", linestyle="--", label="torch.mm rate")
+    right.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(phases))], phases)
+    right.set(ylabel="model GFLOP/s", title="Arithmetic rate per tick phase (MFU = bar / dashed line)")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from clora.api import LoRAExperimentSpec
+from clora_runtime.bench.flops import counts_json, matmul_gflops, model_shape
 
 
 class WorkerExperiment(BaseModel):
@@ -33,6 +34,7 @@ class WorkerRequest(BaseModel):
     threads: int | None = None
     spawned_at: float = Field(description="time.time() when the parent started this process")
     experiments: list[WorkerExperiment]
+    measure_matmul: bool = False  # after training: this device's dense matmul rate, same threads and dtype
 
     @classmethod
     def of(
@@ -66,6 +68,9 @@ class WorkerResult(BaseModel):
     peak_rss_mb: float
     peak_device_mb: float | None = None
     device: str = ""
+    dtype: str = ""
+    shape: dict[str, Any] = {}  # ModelShape.as_json(): what the model FLOPs are counted from
+    matmul: dict[str, Any] | None = None  # flops.matmul_gflops(), when asked
 
 
 def peak_device_mb() -> float | None:
@@ -98,6 +103,10 @@ def run(request: WorkerRequest) -> WorkerResult:
         for e in request.experiments:
             engine.upsert(e.namespace, e.name, e.spec)
         keys = [f"{e.namespace}/{e.name}" for e in request.experiments]
+        assert engine.bank is not None and engine.base is not None
+        shape = model_shape(
+            engine.base.model, [sum(p.numel() for p in a.parameters()) for a in engine.bank.adapters.values()]
+        )
         completed: dict[str, float] = {}
         ticks: list[dict[str, Any]] = []
         while len(completed) < len(keys):
@@ -110,6 +119,8 @@ def run(request: WorkerRequest) -> WorkerResult:
                     "seconds": report.seconds,
                     "tokensSampled": report.tokens_sampled,
                     "tokensTrained": report.tokens_trained,
+                    "tokensPrefilled": report.tokens_prefilled,
+                    "trainTokens": counts_json(report.train_counts),
                 }
             )
             now = time.time()
@@ -132,7 +143,9 @@ def run(request: WorkerRequest) -> WorkerResult:
                     message=state.message,
                 )
             )
-        device = str(engine.base.device) if engine.base is not None else ""
+        device = str(engine.base.device)
+        dtype = engine.base.dtype
+        matmul = matmul_gflops(engine.base.device, dtype) if request.measure_matmul else None
     return WorkerResult(
         spawned_at=request.spawned_at,
         loaded_at=loaded_at,
@@ -142,6 +155,9 @@ def run(request: WorkerRequest) -> WorkerResult:
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         peak_device_mb=peak_device_mb(),
         device=device,
+        dtype=str(dtype),
+        shape=shape.as_json(),
+        matmul=matmul,
     )
 
 

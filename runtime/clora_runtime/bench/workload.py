@@ -45,9 +45,12 @@ def templates_from(directory: Path | None) -> list[LoRAExperimentSpec]:
 
 
 def bench_experiments(
-    n: int, steps: int, templates: list[LoRAExperimentSpec]
+    n: int, steps: int, templates: list[LoRAExperimentSpec], replicate: int = 0
 ) -> list[tuple[str, str, LoRAExperimentSpec]]:
     """N experiments (namespace, name, spec): the templates in turn, each with its own seed and K steps.
+
+    `replicate` picks another set of seeds for the same N specs (seed 1000 + replicate x N + i), so
+    replicates of a benchmark are independent runs of identical specs.
 
     Checkpoints are pushed past the run so that no arm pays for them; the checkpoint cost is measured
     on its own (clora_checkpoint_duration_seconds).
@@ -58,7 +61,7 @@ def bench_experiments(
         spec.runtime = "bench"
         spec.suspend = False
         spec.training.steps = steps
-        spec.training.seed = 1000 + i
+        spec.training.seed = 1000 + replicate * n + i
         spec.checkpoint.every_steps = steps + 1
         out.append((BENCH_NAMESPACE, f"exp-{i:02d}", spec))
     return out

@@ -41,6 +41,10 @@ class Sampler(ABC):
     in sync_adapters, which the engine calls after optimizer steps and before the next sampling.
     """
 
+    # Prompt tokens run through the model so far (a shared head or a group's prompt counted once, as
+    # computed), for FLOP accounting: the engine reports each tick's share.
+    prefill_tokens: int = 0
+
     @abstractmethod
     def generate(self, requests: list[SampleRequest]) -> list[Completion]:
         """One Completion per request, in the same order."""

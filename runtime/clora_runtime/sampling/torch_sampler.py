@@ -92,6 +92,8 @@ class TorchSampler(Sampler):
             prefix_source = torch.tensor([prefix_slots.index(s) for s, _ in unique], device=device)
             cache.batch_select_indices(prefix_source)
             tails = [list(p[prefixes[s] :]) for s, p in unique]
+            self.prefill_tokens += sum(len(h) for h in heads)
+        self.prefill_tokens += sum(len(t) for t in tails)
         ids, mask = self._left_padded(tails, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if prefix_mask is not None and prefix_source is not None:

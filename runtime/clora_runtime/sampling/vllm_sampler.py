@@ -181,6 +181,8 @@ class VLLMSampler(Sampler):
         )
         completions = [Completion(token_ids=[], finished=False) for _ in requests]
         for i, out in zip(fits, outputs, strict=True):
+            # what vLLM computed: its prefix cache serves the rest
+            self.prefill_tokens += len(requests[i].prompt_ids) - (getattr(out, "num_cached_tokens", 0) or 0)
             seq = out.outputs[0]
             # A stop on EOS keeps the EOS token as the last id, as the contract asks.
             token_ids = list(seq.token_ids)

@@ -79,9 +79,21 @@ class AdapterStepResult:
 
 
 @dataclass
+class TokenCounts:
+    """Token positions a trainer step ran through the model, padding excluded, over every update: what
+    the step's FLOPs are counted from (clora_runtime.bench.flops)."""
+
+    body: int = 0  # through the decoder with gradients: shared heads, prompts (once per group), completions
+    head: int = 0  # through the LM head with gradients: the completion tokens
+    reference_body: int = 0  # through the decoder without gradients: the KL reference (adapters off)
+    reference_head: int = 0
+
+
+@dataclass
 class StepResult:
     adapters: dict[str, AdapterStepResult] = field(default_factory=dict)
     tokens: int = 0  # tokens through a training forward/backward, over every update
+    counts: TokenCounts = field(default_factory=TokenCounts)
     row_logprobs: list[float] = field(default_factory=list)  # per input row: sum of first-update log-probs
     token_logprobs: list[torch.Tensor] = field(default_factory=list)  # per input row, with record_logprobs
 
@@ -145,7 +157,8 @@ class Trainer:
             except Exception as err:  # attributed below, adapter by adapter
                 sums = self._update_alone(step, active, update, err)
             self._apply(step, active, update, sums, result)
-        result.tokens = step.tokens_trained
+        result.tokens = step.counts.head
+        result.counts = step.counts
         result.row_logprobs = step.row_sums()
         if self.record_logprobs:
             result.token_logprobs = [t if t is not None else torch.empty(0) for t in step.old]
@@ -227,6 +240,8 @@ class Trainer:
             if ref_logp is None:
                 with torch.no_grad():
                     ref_logp, _ = prep.token_logprobs(self.bank, adapters_on=False)
+                step.counts.reference_body += prep.body_tokens
+                step.counts.reference_head += prep.tokens
                 step.scatter(step.ref, batch, ref_logp, prep.lengths)
         logp, entropy = prep.token_logprobs(
             self.bank, adapters_on=True, generators=generators, with_entropy=first
@@ -259,7 +274,8 @@ class Trainer:
                 end - start,
             )
             total = loss if total is None else total + loss
-        step.tokens_trained += prep.tokens
+        step.counts.body += prep.body_tokens
+        step.counts.head += prep.tokens
         if total is not None:
             total.backward()
 
@@ -370,7 +386,7 @@ class _Step:
         self.prepared: dict[tuple[str, ...], list[tuple[list[int], _Prepared]]] = {}
         self.old: list[torch.Tensor | None] = [None] * len(rows)
         self.ref: list[torch.Tensor | None] = [None] * len(rows)
-        self.tokens_trained = 0
+        self.counts = TokenCounts()
 
     @staticmethod
     def gather(store: list[torch.Tensor | None], batch: list[int]) -> torch.Tensor | None:
@@ -478,6 +494,9 @@ class _Prepared:
     advantages: torch.Tensor  # [N]
     weights: torch.Tensor  # [N]
     temperatures: torch.Tensor  # [N]
+    body_tokens: (
+        int  # positions run through the decoder, padding excluded: prefixes, prompt tails, completions
+    )
 
     @property
     def tokens(self) -> int:
@@ -489,6 +508,7 @@ class _Prepared:
         prefixes = shared_prefixes(unique)
         prefix_ids = prefix_mask = prefix_source = None
         prefix_slots: list[int] = []
+        heads: list[tuple[int, ...]] = []
         tails = [list(prompt) for _, prompt in unique]
         if prefixes is not None:
             prefix_slots = list(prefixes)
@@ -535,6 +555,7 @@ class _Prepared:
             advantages=expand([r.advantage for r in batch]),
             weights=expand([r.token_weight for r in batch]),
             temperatures=expand([r.temperature for r in batch]),
+            body_tokens=sum(len(h) for h in heads) + sum(len(t) for t in tails) + sum(lengths),
         )
 
     def token_logprobs(
