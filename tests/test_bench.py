@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from clora_runtime.bench.docs import render
 from clora_runtime.bench.flops import ModelShape, model_shape, sample_flops, train_flops
 from clora_runtime.bench.scaling import counts
 from clora_runtime.bench.stats import (
@@ -151,7 +152,7 @@ def test_scaling_counts() -> None:
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / "result.json"
+    out = tmp_path / f"{args[0]}-tiny.json"  # named as scripts/bench.sh names them, for docs.render
     proc = subprocess.run(
         [
             sys.executable,
@@ -203,6 +204,9 @@ def test_bench_throughput_bounds_every_ratio_by_its_limit(tmp_path: Path) -> Non
     # The same seeds train the same problems: packed and alone agree (the isolation check).
     assert r["isolationCheck"]["noRegression"] is True
     assert plot.stat().st_size > 10_000
+    assert r["command"].startswith("clora bench throughput --experiments 2")
+    page = render(tmp_path, tmp_path / "benchmarks.md")
+    assert f"**{r['ratio']:.2f}x**" in page and f"{r['batchingLimit']:.2f}x" in page
 
 
 @pytest.mark.slow
@@ -237,7 +241,10 @@ def test_bench_rewards_pairs_clora_and_trl_runs_over_seeds(tmp_path: Path) -> No
         assert band["runs"] == 4 and len(band["perStepMean"]) == 2
     assert r["cloraMinusTrl"]["pairs"] == 4
     assert r["config"]["seeds"] == [[1000, 1001], [1002, 1003]]
+    assert len(r["vsTrl"]["perReplicate"]) == 2 and r["vsTrl"]["mean"] > 0
     assert plot.stat().st_size > 10_000
+    page = render(tmp_path, tmp_path / "benchmarks.md")
+    assert f"{r['cloraMinusTrl']['difference']:+.3f}" in page
 
 
 @pytest.mark.slow

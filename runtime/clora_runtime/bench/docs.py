@@ -22,54 +22,101 @@ def _f(x: Any, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _command(r: dict[str, Any]) -> list[str]:
+    return ["", "```", r["command"], "```", ""] if "command" in r else [""]
+
+
 def throughput_section(name: str, r: dict[str, Any]) -> list[str]:
+    c = r["config"]
     lines = [
-        f"### Throughput: {r['experiments']} experiments x {r['steps']} steps on `{r['model']}` ({name})",
-        "",
+        f"### Throughput: {c['experiments']} experiments x {c['steps']} steps on `{c['model']}` ({name})",
+        *_command(r),
         f"Machine: {_machine(r['machine'])}.",
         "",
-        "| arm | wall s | experiments/hour | mean completion s | step s | cold start s | peak MB |",
+        "| arm | processes | wall s | experiments/hour | tick s | cold start s | peak MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for arm, a in r["arms"].items():
         lines.append(
-            f"| {arm} | {a['wallSeconds']:.1f} | {a['experimentsPerHour']:.1f}"
-            f" | {a['meanCompletionSeconds']:.1f}"
+            f"| {arm} | {a['processes']} | {a['wallSeconds']:.1f} | {a['experimentsPerHour']:.1f}"
             f" | {_f(a['stepLatencySeconds'])} | {a['coldStartSeconds']:.1f} | {a['peakMemoryMB']:.0f} |"
         )
-    c = r["ceiling"]
-    cmp = r["rewardComparison"]
     lines += [
         "",
-        f"- Throughput ratio, concurrent over serial: **{r['throughputRatio']:.2f}x**; "
-        "the hardware's ceiling "
-        f"for this workload: {c['ratio']:.2f}x; efficiency (measured / ceiling): **{c['efficiency']:.0%}**.",
+        "concurrent: the N experiments packed on one engine; limit: ONE adapter at the packed batch"
+        " (N x promptsPerStep x groupSize rows); serial: one process per experiment, one after another"
+        + ("; trl: TRL's GRPOTrainer, one process per experiment." if "trl" in r["arms"] else "."),
+        "",
+        "| figure | measured | batching limit | efficiency (measured / limit) |",
+        "|---|---:|---:|---:|",
+        f"| experiments/hour over serial, cold starts included | **{r['ratio']:.2f}x**"
+        f" | {r['batchingLimit']:.2f}x | {r['efficiency']:.2f} ± {r['efficiencyNoise']:.2f} |",
+        f"| warm experiment-steps/s over serial (steady) | **{r['steadyRatio']:.2f}x**"
+        f" | {r['steadyBatchingLimit']:.2f}x"
+        f" | {r['steadyEfficiency']:.2f} ± {r['steadyEfficiencyNoise']:.2f} |",
+        "",
+        f"Efficiency above 1 beyond noise (± one standard error from the tick times) would mean the limit is"
+        f" wrong; within the limit: {r['efficiencyWithinLimit']}.",
     ]
-    if "trlRatio" in r:
-        lines.append(f"- Against TRL's GRPOTrainer, one experiment at a time: **{r['trlRatio']:.2f}x**.")
-    lines.append(
-        f"- Final reward (mean of the last 3 steps), concurrent minus serial: {cmp['meanDifference']:+.4f}; "
-        f"sampling noise of that mean: {cmp['noiseOfMeanDifference']:.4f}; "
-        f"no regression: {cmp['noRegression']}."
-    )
+    if "vsTrl" in r:
+        lines.append(f"Against TRL's GRPOTrainer, one experiment at a time: **{r['vsTrl']:.2f}x**.")
+    lines += [
+        "",
+        f"Arithmetic: this device's dense matmul rate (torch.mm, {r['config']['matmul']['size']}^2,"
+        f" {r['config']['matmul']['dtype']}, best of {r['config']['matmul']['repeats']}):"
+        f" **{r['matmulGflops']:.1f} GFLOP/s**. Model FLOPs per phase over the steady ticks"
+        " (counted from the model's shapes: runtime/clora_runtime/bench/flops.py):",
+        "",
+        "| arm | sample GFLOP/s | sample MFU | train GFLOP/s | train MFU |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for arm, rates in r["phaseRates"].items():
+        s, t = rates["sample"], rates["train"]
+        lines.append(f"| {arm} | {s['gflops']:.1f} | {s['mfu']:.1%} | {t['gflops']:.1f} | {t['mfu']:.1%} |")
     phases = r["arms"]["concurrent"]["phaseSecondsPerTick"]
-    lines.append(
-        "- Time per tick by phase (concurrent): "
+    iso = r["isolationCheck"]
+    lines += [
+        "",
+        "Time per tick by phase (concurrent): "
         + ", ".join(f"{p} {s:.3f} s" for p, s in phases.items())
-        + "."
-    )
-    lines.append("")
-    lines.append("| rows | sample s | forward+backward s |")
-    lines.append("|---:|---:|---:|")
-    for p in c["points"]:
-        lines.append(f"| {p['rows']} | {p['sample_seconds']:.3f} | {p['train_seconds']:.3f} |")
-    lines.append("")
-    lines.append(
-        f"Raw base-model figures for the ceiling ({c['promptTokens']} prompt + {c['newTokens']} new tokens"
-        " per row)."
-    )
-    lines.append("")
+        + ".",
+        "",
+        f"Isolation check (not a reward comparison): packed minus alone, final reward"
+        f" {iso['meanDifference']:+.4f}; the two compute the same numbers.",
+        "",
+    ]
     return lines
+
+
+def rewards_section(name: str, r: dict[str, Any]) -> list[str]:
+    c, d, v = r["config"], r["cloraMinusTrl"], r["vsTrl"]
+    lines = [
+        f"### Reward: clora vs TRL's GRPOTrainer, {c['experiments']} specs x {c['replicates']} seeds x"
+        f" {c['steps']} steps on `{c['model']}` ({name})",
+        *_command(r),
+        f"Machine: {_machine(r['machine'])}; {c['threads']} thread(s) per process, {c['jobs']} at a time.",
+        "",
+        "| arm | runs | final reward (mean of the last 5 steps) |",
+        "|---|---:|---:|",
+    ]
+    for arm, band in r["reward"].items():
+        lines.append(f"| {arm} | {band['runs']} | {band['finalMean']:.3f} ± {band['finalSe']:.3f} |")
+    lines += [
+        "",
+        f"- clora minus TRL, paired by spec and seed over {d['pairs']} runs: **{d['difference']:+.3f} ±"
+        f" {d['standardError']:.3f}**; no regression ({d['rule']}): **{d['noRegression']}**.",
+        f"- Wall time, TRL over clora for the same experiments (processes side by side in this run):"
+        f" {v['mean']:.2f}x ± {v['standardError']:.2f} (per seed: "
+        + ", ".join(f"{x:.2f}x" for x in v["perReplicate"])
+        + ").",
+        "",
+    ]
+    return lines
+
+
+def gpu_check_section(path: Path) -> list[str]:
+    text = path.read_text().strip().splitlines()
+    return ["### " + text[0].lstrip("# "), *text[1:], ""]
 
 
 def scaling_section(name: str, r: dict[str, Any]) -> list[str]:
@@ -148,6 +195,8 @@ def render(results: Path, output: Path) -> str:
         name = path.stem
         if name.startswith("throughput"):
             out += throughput_section(name, r)
+        elif name.startswith("rewards"):
+            out += rewards_section(name, r)
         elif name.startswith("scaling"):
             out += scaling_section(name, r)
         elif name.startswith("join"):
@@ -155,6 +204,13 @@ def render(results: Path, output: Path) -> str:
         png = path.with_suffix(".png")
         if png.exists():
             out += [f"![{name}]({os.path.relpath(png, output.parent)})", ""]
+    for path in sorted(results.glob("gpu-check*.md")):
+        out += gpu_check_section(path)
+    from clora_runtime.bench.throughput import KEYS
+
+    out += ["### The throughput JSON's keys", "", "| key | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in KEYS.items()]
+    out.append("")
     notes = results / "notes.md"
     if notes.exists():
         out += [notes.read_text().strip(), ""]

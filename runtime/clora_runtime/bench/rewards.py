@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from clora.api import LoRAExperimentSpec
 from clora_runtime.bench.processes import run_module
-from clora_runtime.bench.stats import paired_final_difference, reward_band
+from clora_runtime.bench.stats import mean_se, paired_final_difference, reward_band
 from clora_runtime.bench.worker import WorkerRequest, WorkerResult
 
 Experiments = list[tuple[str, str, LoRAExperimentSpec]]
@@ -46,6 +46,7 @@ def rewards(
 
     curves: dict[str, dict[str, list[float]]] = {"clora": {}, "trl": {}}
     failed: dict[str, str] = {}
+    processes: list[dict[str, Any]] = []
     work = _jobs(replicates)
     with Progress(console=console) as progress, ThreadPoolExecutor(max_workers=jobs) as pool:
         task = progress.add_task("clora and TRL runs", total=len(work))
@@ -61,6 +62,15 @@ def rewards(
         for future in as_completed(futures):
             arm, r = futures[future]
             result, wall = future.result()
+            processes.append(
+                {
+                    "arm": arm,
+                    "replicate": r,
+                    "experiments": len(result.experiments),
+                    "wallSeconds": wall,
+                    "coldStartSeconds": result.loaded_at - result.spawned_at,
+                }
+            )
             for e in result.experiments:
                 key = f"r{r}/{e.key}"
                 curves[arm][key] = e.rewards
@@ -85,7 +95,30 @@ def rewards(
         "curves": curves,
         "reward": {arm: reward_band(list(c.values())) for arm, c in curves.items()},
         "cloraMinusTrl": paired_final_difference(curves["clora"], curves["trl"]),
+        "vsTrl": wall_ratio(processes, len(replicates)),
+        "processes": processes,
         "failed": failed,
+    }
+
+
+def wall_ratio(processes: list[dict[str, Any]], replicates: int) -> dict[str, Any]:
+    """Per replicate, the TRL arm's wall seconds (its N processes, cold starts included) over the clora
+    arm's (one process): processes of both arms ran side by side under the same conditions."""
+    ratios = []
+    for r in range(replicates):
+        walls = {
+            arm: sum(p["wallSeconds"] for p in processes if p["arm"] == arm and p["replicate"] == r)
+            for arm in ("clora", "trl")
+        }
+        if walls["clora"] > 0 and walls["trl"] > 0:
+            ratios.append(walls["trl"] / walls["clora"])
+    mean, se = mean_se(ratios)
+    return {
+        "perReplicate": ratios,
+        "mean": mean,
+        "standardError": se,
+        "what": "TRL wall seconds over clora's for the same N experiments, per replicate: every process"
+        " at the same threads, `jobs` processes at a time, in this run",
     }
 
 

@@ -80,7 +80,7 @@ def reward_comparison(a: dict[str, Any], b: dict[str, Any], completions_per_step
     }
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n); nan for fewer than two values)."""
     if not values:
         return float("nan"), float("nan")
@@ -93,8 +93,8 @@ def reward_band(curves: list[list[float]]) -> dict[str, Any]:
     """One arm's reward over independent runs: per-step mean with its standard error, and the final
     reward (mean of the last FINAL_WINDOW steps of each run) with its standard error over the runs."""
     steps = min((len(c) for c in curves), default=0)
-    per_step = [_mean_se([c[i] for c in curves]) for i in range(steps)]
-    final, final_se = _mean_se([final_reward(c) for c in curves])
+    per_step = [mean_se([c[i] for c in curves]) for i in range(steps)]
+    final, final_se = mean_se([final_reward(c) for c in curves])
     return {
         "runs": len(curves),
         "perStepMean": [m for m, _ in per_step],
@@ -113,7 +113,7 @@ def paired_final_difference(a: dict[str, list[float]], b: dict[str, list[float]]
     """
     keys = sorted(set(a) & set(b))
     diffs = [final_reward(a[k]) - final_reward(b[k]) for k in keys]
-    mean, se = _mean_se(diffs)
+    mean, se = mean_se(diffs)
     return {
         "pairs": len(keys),
         "difference": mean,
@@ -156,9 +156,9 @@ def packing_yardsticks(
     - efficiency = ratio / batchingLimit (and the steady one): above 1 only by noise, given as one
       standard error propagated from the spread of the two arms' tick times.
     """
-    conc_mean, conc_se = _mean_se(concurrent_ticks[1:] or concurrent_ticks)
-    limit_mean, limit_se = _mean_se(limit_ticks[1:] or limit_ticks)
-    serial_mean, _ = _mean_se(serial_steady)
+    conc_mean, conc_se = mean_se(concurrent_ticks[1:] or concurrent_ticks)
+    limit_mean, limit_se = mean_se(limit_ticks[1:] or limit_ticks)
+    serial_mean, _ = mean_se(serial_steady)
     limit_total = limit_ticks[0] + (steps - 1) * limit_mean if len(limit_ticks) < steps else sum(limit_ticks)
     overhead = concurrent_wall - sum(concurrent_ticks)  # the concurrent arm's cold start, admissions, exit
     ratio = serial_wall / concurrent_wall

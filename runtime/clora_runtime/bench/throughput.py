@@ -34,6 +34,27 @@ from clora_runtime.bench.stats import (
 )
 from clora_runtime.bench.worker import WorkerRequest, WorkerResult
 
+# The stable keys of `clora bench throughput --json` (tests and downstream tools read them).
+KEYS: dict[str, str] = {
+    "ratio": "experiments/hour, concurrent over serial, cold starts included (serial wall / concurrent wall)",
+    "steadyRatio": "warm experiment-steps/s, concurrent over serial (N x serial tick / concurrent tick)",
+    "batchingLimit": "the ratio if the concurrent ticks cost what ONE adapter's ticks cost at the packed"
+    " batch, cold starts as measured",
+    "steadyBatchingLimit": "N x serial tick / one-adapter packed tick",
+    "efficiency": "ratio / batchingLimit (<= 1 + noise); steadyEfficiency likewise; *Noise: one standard"
+    " error; efficiencyWithinLimit: both within two",
+    "matmulGflops": "this device's dense matmul rate in the run's dtype and threads (torch.mm, best of 5)",
+    "mfu": "{sample, train}: the concurrent arm's model FLOP/s per phase over matmulGflops",
+    "phaseRates": "per arm and phase: model FLOPs, seconds, GFLOP/s, MFU",
+    "vsTrl": "serial TRL wall / concurrent wall (with --baseline trl)",
+    "reward": "per arm: perStepMean, perStepSe, finalMean, finalSe (final: mean of the last 5 steps)",
+    "isolationCheck": "packed vs alone, same seeds: equal by construction; not a regression test",
+    "machine": "device, cpuCount, torch, threads, dtype, platform",
+    "config": "model, device, threads, experiments, steps, baseline, specs, matmul, modelShape",
+    "arms": "per arm: processes, wall, cold start, tick phases, memory, per-experiment rewards",
+    "command": "the command line that produced the file",
+}
+
 
 def machine() -> dict[str, Any]:
     import torch
