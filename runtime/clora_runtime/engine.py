@@ -725,7 +725,7 @@ class Engine:
             if res is not None and res.error is not None:
                 self._fail(item.plan.exp, res.error)
                 report.failed[item.plan.key] = res.error
-        report.tokens_trained = result.tokens
+        report.tokens_trained = result.counts.head
         report.train_counts = result.counts
         return result, rows_of
 

@@ -1,15 +1,25 @@
-"""The `--baseline trl` arm: one experiment trained by TRL's GRPOTrainer with a PEFT LoRA config.
+"""The TRL arm: one experiment trained by TRL's GRPOTrainer with a PEFT LoRA config.
 
 Run as `python -m clora_runtime.bench.trl_worker REQUEST.json RESULT.json` (a WorkerRequest with one
 experiment). Matched to clora as closely as TRL allows:
 - same base model folder, tokenizer and chat template; same prompts in the same order (the task's
   problems for step 0, 1, ...; no shuffling), promptsPerStep prompts x groupSize completions per step;
-- same LoRA rank/alpha/dropout/target modules, learning rate (constant schedule), AdamW, no weight
-  decay, grad-norm clip 1.0, loss type, clip epsilon, KL coefficient (beta), temperature, seed;
-- same reward callables.
-What differs: TRL samples with transformers' generate on a PEFT model (one adapter, no multi-LoRA
-batching), computes rewards through its own pipeline, and seeds its sampling its own way, so the
-completions are not token-identical; rewards are comparable in distribution, not pairwise.
+- same LoRA rank/alpha/dropout/target modules and initialisation (PEFT's: kaiming-uniform A, zero B),
+  learning rate (constant schedule), AdamW (torch's, betas 0.9/0.999, eps 1e-8, no weight decay),
+  grad-norm clip 1.0, seed;
+- the same loss: loss_type (grpo, dr_grpo, dapo with TRL's normalisers, which are clora's), advantages
+  scaled by the group's unbiased std + 1e-4 for grpo and dapo and not for dr_grpo (scale_rewards),
+  log-probabilities from logits divided by the temperature (TRL's _get_per_token_logps does, as
+  clora's trainer does), clip epsilon low and high, num_iterations = updatesPerBatch, KL coefficient
+  (beta) with the adapter-off model as reference (k3 in both), truncated completions trained;
+- pure temperature sampling (top_k 0, top_p 1) and the same reward callables.
+Where the two still differ:
+- the random draws: TRL samples with transformers' generate (torch.multinomial on the global RNG),
+  clora draws each row from its own generator, and the LoRA A matrices start from different random
+  numbers; rewards are comparable in distribution, not pairwise;
+- TRL generates through PEFT's single-adapter model over a left-padded batch, clora through its
+  multi-LoRA layers with each group's prompt prefilled once: the same arithmetic up to float rounding;
+- dapo's token normaliser is TRL's whole batch and clora's per adapter: the same for one experiment.
 """
 
 from __future__ import annotations

@@ -92,8 +92,7 @@ class TokenCounts:
 @dataclass
 class StepResult:
     adapters: dict[str, AdapterStepResult] = field(default_factory=dict)
-    tokens: int = 0  # tokens through a training forward/backward, over every update
-    counts: TokenCounts = field(default_factory=TokenCounts)
+    counts: TokenCounts = field(default_factory=TokenCounts)  # counts.head: tokens trained, every update
     row_logprobs: list[float] = field(default_factory=list)  # per input row: sum of first-update log-probs
     token_logprobs: list[torch.Tensor] = field(default_factory=list)  # per input row, with record_logprobs
 
@@ -157,7 +156,6 @@ class Trainer:
             except Exception as err:  # attributed below, adapter by adapter
                 sums = self._update_alone(step, active, update, err)
             self._apply(step, active, update, sums, result)
-        result.tokens = step.counts.head
         result.counts = step.counts
         result.row_logprobs = step.row_sums()
         if self.record_logprobs:
