@@ -226,8 +226,13 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
                     await asyncio.sleep(1.05)  # creationTimestamp has second precision: FIFO order
                 for i in range(4):
                     await s.wait_phase(f"exp-{i}", "Scheduled", "Running", "Succeeded")
-                # written on the operator's next pass; it never gets a slot while all four are taken
-                assert "full" in (await s.wait_phase("exp-4", "Queued"))["message"]
+                # Admitted as Queued, then told why on the operator's next pass; never a slot while all
+                # four are taken.
+                await cluster.wait_for(
+                    "exp-4 queued on full runtimes",
+                    lambda: s.phase("exp-4") == "Queued" and "full" in s.c.status("exp-4").get("message", ""),
+                    timeout=60,
+                )
                 assert s.condition("exp-4", "Scheduled")["status"] == "False"
                 nodes = [s.c.status(f"exp-{i}")["node"] for i in range(4)]
                 assert sorted(nodes) == ["node-a", "node-a", "node-b", "node-b"], nodes
