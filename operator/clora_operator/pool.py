@@ -715,7 +715,10 @@ async def _place(
         state.metrics.admission_wait.observe(max(0.0, time.time() - record.created))
     # What the PUT answered (the runtime admits at once: Running, or Failed if it could not start).
     obs = observe_runtime(answer, pod, view.info.node)
-    if await write_status(state, pool, record, obs) and resume:
+    await write_status(state, pool, record, obs)
+    # The runtime resumed whether or not this write landed (a conflicting one is redone from the next
+    # poll, which does not know about the resume): the Event tells it now.
+    if resume and obs.phase != "Failed":
         step = (status.get("lastCheckpoint") or {}).get("step")
         _event(record, REASON_RESUMED, f"resumed on {pod} from the checkpoint of step {step}")
 
