@@ -82,7 +82,8 @@ def throughput_section(name: str, r: dict[str, Any]) -> list[str]:
         + ".",
         "",
         f"Isolation check (not a reward comparison): packed minus alone, final reward"
-        f" {iso['meanDifference']:+.4f}; the two compute the same numbers.",
+        f" {iso['meanDifference']:+.4f} (sampling noise of that mean {iso['noiseOfMeanDifference']:.4f}):"
+        " the same numbers up to float rounding, which over many steps can flip a sampled token.",
         "",
     ]
     return lines
