@@ -75,7 +75,7 @@ def _reset_peak(device: Any) -> None:
 def _run(engine: Any, names: list[str], seeds: list[int], w: dict[str, int], gflops: float) -> dict[str, Any]:
     """Admit these experiments, tick `steps` times; figures over the ticks after the first."""
     from clora_runtime.bench.flops import counts_json, model_shape, phase_rates
-    from clora_runtime.bench.stats import TICK_PHASES, steady
+    from clora_runtime.bench.stats import TICK_PHASES, steady, tick_seconds
 
     for name, seed in zip(names, seeds, strict=True):
         engine.upsert("gpu-check", name, _spec(seed, w))
@@ -101,7 +101,7 @@ def _run(engine: Any, names: list[str], seeds: list[int], w: dict[str, int], gfl
     )
     warm = steady(ticks)
     rates = phase_rates(warm, shape)
-    tick_s = sum(sum(t["seconds"].values()) for t in warm) / len(warm)
+    tick_s = sum(tick_seconds(warm)) / len(warm)
     return {
         "experiments": len(names),
         "phaseSeconds": {p: sum(t["seconds"].get(p, 0.0) for t in warm) / len(warm) for p in TICK_PHASES},

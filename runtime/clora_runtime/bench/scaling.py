@@ -11,6 +11,7 @@ from rich.table import Table
 
 from clora.api import LoRAExperimentSpec
 from clora_runtime.bench.processes import run_module
+from clora_runtime.bench.stats import steady, tick_seconds
 from clora_runtime.bench.throughput import machine
 from clora_runtime.bench.worker import WorkerRequest, WorkerResult
 
@@ -39,9 +40,7 @@ def scaling(
                 "clora_runtime.bench.worker", WorkerRequest.of(model, device, threads, exps[:n]), WorkerResult
             )
         # The first tick pays one-off costs (allocator growth, lazy init); steady state is what scales.
-        ticks = [sum(t["seconds"].values()) for t in result.ticks]
-        steady = ticks[1:] or ticks
-        step = statistics.fmean(steady)
+        step = statistics.fmean(tick_seconds(steady(result.ticks)))
         rows.append(
             {
                 "experiments": n,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, TypeVar
 
 from clora_runtime.bench.worker import WorkerResult
 
 FINAL_WINDOW = 5  # final reward = mean of the last steps, less noisy than the very last one
 BAND_Z = 1.96  # the reward curves' band: a 95% normal confidence interval of the per-step mean
+T = TypeVar("T")
+
 TICK_PHASES = ("sample", "reward", "train", "sync")
 
 
@@ -36,14 +38,14 @@ def arm_summary(results: list[tuple[WorkerResult, float]], n_experiments: int) -
     phases = (
         {p: statistics.fmean(t["seconds"].get(p, 0.0) for t in ticks) for p in TICK_PHASES} if ticks else {}
     )
-    tick_seconds = [sum(t["seconds"].values()) for t in ticks]
+    durations = tick_seconds(ticks)
     return {
         "processes": len(results),
         "wallSeconds": wall,
         "experimentsPerHour": 3600 * n_experiments / wall,
         "meanCompletionSeconds": statistics.fmean(e.completed_at - arm_start for e in experiments),
         "coldStartSeconds": statistics.fmean(r.loaded_at - r.spawned_at for r, _ in results),
-        "stepLatencySeconds": statistics.fmean(tick_seconds) if tick_seconds else None,
+        "stepLatencySeconds": statistics.fmean(durations) if durations else None,
         "phaseSecondsPerTick": phases,
         "peakMemoryMB": max(r.peak_rss_mb for r, _ in results),
         "peakDeviceMemoryMB": max((r.peak_device_mb or 0.0) for r, _ in results) or None,
@@ -127,8 +129,9 @@ def tick_seconds(ticks: list[dict[str, Any]]) -> list[float]:
     return [sum(t["seconds"].values()) for t in ticks]
 
 
-def steady(ticks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A process's ticks without its first, which pays one-off costs (allocator growth, lazy init)."""
+def steady(ticks: list[T]) -> list[T]:
+    """A process's ticks (or their durations) without its first, which pays one-off costs (allocator
+    growth, lazy init)."""
     return ticks[1:] or ticks
 
 
@@ -156,8 +159,8 @@ def packing_yardsticks(
     - efficiency = ratio / batchingLimit (and the steady one): above 1 only by noise, given as one
       standard error propagated from the spread of the two arms' tick times.
     """
-    conc_mean, conc_se = mean_se(concurrent_ticks[1:] or concurrent_ticks)
-    limit_mean, limit_se = mean_se(limit_ticks[1:] or limit_ticks)
+    conc_mean, conc_se = mean_se(steady(concurrent_ticks))
+    limit_mean, limit_se = mean_se(steady(limit_ticks))
     serial_mean, _ = mean_se(serial_steady)
     limit_total = limit_ticks[0] + (steps - 1) * limit_mean if len(limit_ticks) < steps else sum(limit_ticks)
     overhead = concurrent_wall - sum(concurrent_ticks)  # the concurrent arm's cold start, admissions, exit
