@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Set on the command line or in a LoRARuntime, they override the device defaults (device_defaults.py).
+DEVICE_DEFAULT = "None: the device's default (clora_runtime.device_defaults)."
 
 
 def cache_dir() -> Path:
@@ -30,8 +34,15 @@ class EngineConfig(BaseModel):
         "smollm2", description="Base model: smollm2 | tiny | a Hugging Face id | a local path."
     )
     device: str = Field("auto", description="auto (cuda when available, else cpu) | cpu | cuda | cuda:N.")
-    dtype: str = Field(
-        "auto", description="auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16 | float16."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16. float16 is refused:"
+        " training in it needs a gradient scaler, which clora does not run.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="The base model's attention: auto (flash_attention_2 on CUDA when the flash-attn"
+        " package is installed, else sdpa) | sdpa | flash_attention_2 | eager.",
     )
     sampler: str = Field("torch", description="Sampling engine: torch (built in) | vllm (GPU).")
     max_adapters: int = Field(8, ge=1, le=256, description="Adapter slots: experiments trained at once.")
@@ -46,15 +57,36 @@ class EngineConfig(BaseModel):
         default_factory=default_checkpoint_dir,
         description="Where checkpoints and pushed-sample queues are written, one folder per experiment.",
     )
-    micro_batch_tokens: int = Field(
-        2048,
+    micro_batch_tokens: int | None = Field(
+        None,
         ge=64,
         description="Upper bound on padded tokens in one training forward/backward (unique prompts x"
         " longest prompt + rows x longest completion); bounds training memory whatever the number of"
-        " experiments.",
+        " experiments. " + DEVICE_DEFAULT,
     )
-    max_batch_rows: int = Field(
-        512, ge=1, description="Upper bound on completions generated together in one sampling batch."
+    max_batch_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Upper bound on completions generated together in one sampling batch. " + DEVICE_DEFAULT,
+    )
+    vllm_gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The share of GPU memory vLLM may take (the trainer uses the rest). " + DEVICE_DEFAULT,
+    )
+    vllm_max_num_seqs: int | None = Field(
+        None, ge=1, description="vLLM's max_num_seqs. None: max_batch_rows."
+    )
+    vllm_enforce_eager: bool | None = Field(
+        None,
+        description="Run vLLM without CUDA graphs. None: true on a CPU, false on a GPU.",
+    )
+    vllm_seed_per_row: bool = Field(
+        True,
+        description="Give every vLLM request its own seed, so a row's tokens never depend on its"
+        " neighbours (vLLM then samples those rows one by one; docs/install.md has the cost). false:"
+        " vLLM's engine seed only, faster, reproducible only for identical batches.",
     )
     rollout_steps: int = Field(
         4,
@@ -64,3 +96,13 @@ class EngineConfig(BaseModel):
         " GET .../rollouts; older steps are dropped, so memory stays bounded.",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, value: object) -> object:
+        if value == "float16":
+            raise ValueError(
+                "float16 is refused for training: without a gradient scaler its gradients underflow;"
+                " use bfloat16 (GPUs) or float32"
+            )
+        return value

@@ -57,6 +57,7 @@ from clora.api.runtime_api import (
 from clora.metrics import RuntimeMetrics
 from clora_runtime import checkpoint
 from clora_runtime.config import EngineConfig
+from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
 from clora_runtime.sampling import sampler_class
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
@@ -230,6 +231,7 @@ class Engine:
         self.base = None  # LoadedModel once loaded
         self.bank: AdapterBank | None = None
         self.sampler: Sampler | None = None
+        self.sizes = DeviceSizes.cpu()  # resolved for the device by load()
         self.trainer: Trainer | None = None
         self._experiments: dict[str, Experiment] = {}
         self._removed: OrderedDict[str, RemovedExperiment] = OrderedDict()
@@ -249,15 +251,22 @@ class Engine:
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        base = load_model(self.config.model, self.config.device, self.config.dtype)
+        base = load_model(
+            self.config.model, self.config.device, self.config.dtype, self.config.attn_implementation
+        )
+        self.sizes = sizes = DeviceSizes.resolve(self.config, base)
         bank = AdapterBank(
-            base.model, self.config.max_adapters, self.config.max_rank, base_model_name=base.name
+            base.model,
+            self.config.max_adapters,
+            self.config.max_rank,
+            base_model_name=base.name,
+            fused_adamw=sizes.fused_adamw,
         )
         self.base = base
         self.bank = bank
-        self.trainer = Trainer(bank, self.config.micro_batch_tokens)
+        self.trainer = Trainer(bank, sizes.micro_batch_tokens, head_chunk_elements=sizes.head_chunk_elements)
         self.trainer.fault_hook = lambda keys: self._fault("train", keys)
-        self.sampler = sampler_class(self.config.sampler)(base, bank, self.config)  # type: ignore[call-arg]
+        self.sampler = sampler_class(self.config.sampler)(base, bank, self.config, sizes)  # type: ignore[call-arg]
         self.ready = True
         self._update_slot_metrics()
 
@@ -352,11 +361,11 @@ class Engine:
             default=0,
         )
         row = longest + spec.training.max_new_tokens
-        if row > self.config.micro_batch_tokens:
+        if row > self.sizes.micro_batch_tokens:
             raise ExperimentConflict(
                 f"{key}: one row (a prompt of {longest} tokens + spec.training.maxNewTokens"
                 f" {spec.training.max_new_tokens}) is {row} tokens, above this runtime's micro-batch"
-                f" budget of {self.config.micro_batch_tokens}"
+                f" budget of {self.sizes.micro_batch_tokens}"
             )
 
     def remove(self, namespace: str, name: str) -> DeleteExperimentResponse:

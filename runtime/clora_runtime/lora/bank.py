@@ -74,8 +74,16 @@ class SlotsFull(Exception):
 class AdapterBank:
     """Slot table plus adapters for one base model."""
 
-    def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, base_model_name: str = "") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_adapters: int,
+        max_rank: int,
+        base_model_name: str = "",
+        fused_adamw: bool = False,
+    ) -> None:
         self.model = model
+        self.fused_adamw = fused_adamw  # one AdamW kernel per adapter (CUDA); per-tensor loops elsewhere
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.base_model_name = base_model_name
@@ -131,7 +139,12 @@ class AdapterBank:
                 torch.zeros(layer.out_features, shape.rank, dtype=MASTER_DTYPE, device=device)
             )
         params = [p for name in modules for p in (a[name], b[name])]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=WEIGHT_DECAY, foreach=False)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=learning_rate,
+            weight_decay=WEIGHT_DECAY,
+            **({"fused": True} if self.fused_adamw else {"foreach": False}),
+        )
         adapter = Adapter(key=key, slot=slot, shape=shape, modules=modules, a=a, b=b, optimizer=optimizer)
         for name in modules:
             self.layers[name].set_lora(
@@ -164,13 +177,15 @@ class AdapterBank:
 
     # ---- PEFT format -------------------------------------------------------------------------------
 
-    def peft_state_dict(self, key: str) -> dict[str, torch.Tensor]:
+    def peft_state_dict(self, key: str, dtype: torch.dtype = MASTER_DTYPE) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's names, on the CPU, in `dtype` (checkpoints keep the float32
+        master weights; a serving copy such as vLLM's takes the base model's dtype)."""
         adapter = self.adapters[key]
         out: dict[str, torch.Tensor] = {}
         for name in adapter.modules:
             prefix = f"base_model.model.{name}"
-            out[f"{prefix}.lora_A.weight"] = adapter.a[name].detach().to("cpu", MASTER_DTYPE).contiguous()
-            out[f"{prefix}.lora_B.weight"] = adapter.b[name].detach().to("cpu", MASTER_DTYPE).contiguous()
+            out[f"{prefix}.lora_A.weight"] = adapter.a[name].detach().to("cpu", dtype).contiguous()
+            out[f"{prefix}.lora_B.weight"] = adapter.b[name].detach().to("cpu", dtype).contiguous()
         return out
 
     def peft_config(self, key: str) -> dict[str, object]:
@@ -191,12 +206,14 @@ class AdapterBank:
             "modules_to_save": None,
         }
 
-    def export_peft(self, key: str, directory: str | Path) -> Path:
+    def export_peft(self, key: str, directory: str | Path, dtype: torch.dtype = MASTER_DTYPE) -> Path:
         """Write adapter_model.safetensors + adapter_config.json, loadable by PEFT and vLLM."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(
-            self.peft_state_dict(key), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"}
+            self.peft_state_dict(key, dtype),
+            str(directory / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
         )
         (directory / "adapter_config.json").write_text(json.dumps(self.peft_config(key), indent=2) + "\n")
         return directory

@@ -260,7 +260,9 @@ def model_dir(name: str) -> Path | str:
     return name
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    name: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto"
+) -> LoadedModel:
     """Load a frozen base model (no gradients, eval mode) with its tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -268,7 +270,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     torch_dtype = resolve_dtype(dtype, dev)
     source = model_dir(name)
     tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+    attention = "sdpa" if attn_implementation == "auto" else attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attention)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)

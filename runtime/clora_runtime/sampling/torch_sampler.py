@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 from clora_runtime.training.trainer import shared_prefixes, unique_prompts
@@ -27,10 +28,14 @@ if TYPE_CHECKING:
 
 
 class TorchSampler(Sampler):
-    def __init__(self, base: LoadedModel, bank: AdapterBank, config: EngineConfig) -> None:
+    def __init__(
+        self, base: LoadedModel, bank: AdapterBank, config: EngineConfig, sizes: DeviceSizes | None = None
+    ) -> None:
+        sizes = sizes or DeviceSizes.cpu()
         self.base = base
         self.bank = bank
-        self.max_batch_rows = config.max_batch_rows
+        self.max_batch_rows = sizes.max_batch_rows
+        self.sync_every = sizes.decode_sync_every  # decode steps between host syncs
         self.eos = sorted(base.eos_token_ids)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Head sizes vLLM's CPU attention kernels support (vllm/v1/attention/backends/cpu_attn.py).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# Fraction of GPU memory vLLM may take: the training copy of the model shares the device with it.
-GPU_MEMORY_UTILIZATION = float(os.environ.get("CLORA_VLLM_GPU_MEMORY_UTILIZATION", "0.35"))
 # vLLM's CPU KV cache in GiB (the CPU build reads VLLM_CPU_KVCACHE_SPACE; its default takes far more).
 CPU_KV_CACHE_GIB = os.environ.get("CLORA_VLLM_CPU_KVCACHE_GIB", "1")
 # Longest prompt + completion; vLLM sizes its KV cache for at least one sequence this long.
@@ -93,7 +92,10 @@ class SyncStats:
 class VLLMSampler(Sampler):
     """Samples with one vLLM engine; each row runs with its experiment's current adapter version."""
 
-    def __init__(self, loaded: LoadedModel, bank: AdapterBank, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, bank: AdapterBank, config: EngineConfig, sizes: DeviceSizes | None = None
+    ) -> None:
+        sizes = sizes or DeviceSizes.cpu()
         if loaded.path is None:
             raise ValueError(
                 f"model: vLLM needs the base model as a folder on disk; {loaded.name!r} has none"
@@ -108,7 +110,7 @@ class VLLMSampler(Sampler):
         # generate/sync come from the tick thread; add/remove may come from API threads.
         self._lock = threading.Lock()
         self.sync_stats = SyncStats()
-        self.llm = _start_engine(loaded, config, self._root)
+        self.llm = _start_engine(loaded, config, sizes, self._root)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     # ---- Sampler ---------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def _vllm_model_dir(path: Path, work_dir: Path) -> Path:
     return fixed
 
 
-def _start_engine(loaded: LoadedModel, config: EngineConfig, work_dir: Path) -> Any:
+def _start_engine(loaded: LoadedModel, config: EngineConfig, sizes: DeviceSizes, work_dir: Path) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
     from vllm import LLM
 
@@ -325,9 +327,9 @@ def _start_engine(loaded: LoadedModel, config: EngineConfig, work_dir: Path) -> 
         max_cpu_loras=config.max_adapters + 1,
         max_lora_rank=vllm_lora_rank(config.max_rank),
         max_model_len=min(max_positions, MAX_MODEL_LEN),
-        max_num_seqs=max(1, min(config.max_batch_rows, 256)),
-        gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
-        enforce_eager=True,
+        max_num_seqs=sizes.vllm_max_num_seqs,
+        gpu_memory_utilization=sizes.vllm_gpu_memory_utilization,
+        enforce_eager=sizes.vllm_enforce_eager,
         seed=0,
         disable_log_stats=True,
         # Sampled tokens' log-probs from the distribution they were drawn from, log softmax(logits /

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clora_runtime.device_defaults import CPU_HEAD_CHUNK_ELEMENTS
 from clora_runtime.lora.bank import Adapter, AdapterBank
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.training.grpo import token_losses
@@ -98,9 +99,12 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, bank: AdapterBank, micro_batch_tokens: int) -> None:
+    def __init__(
+        self, bank: AdapterBank, micro_batch_tokens: int, head_chunk_elements: int = CPU_HEAD_CHUNK_ELEMENTS
+    ) -> None:
         self.bank = bank
         self.micro_batch_tokens = micro_batch_tokens
+        self.head_chunk_elements = head_chunk_elements  # logit floats per LM-head chunk
         self.record_logprobs = False  # keep each row's token log-probabilities (tests, debugging)
         # Called after an update's backward, before its gradients are clipped and applied: (key,
         # update index). Tests read the gradients there.
