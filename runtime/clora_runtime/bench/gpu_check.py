@@ -13,6 +13,7 @@ by a hash of their text instead (spread rewards, non-zero gradients); nothing el
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -23,10 +24,12 @@ from typing import Any
 
 MODELS = {"qwen3": ["qwen3-0.6b-shaped", "qwen3-4b-shaped"], "tiny": ["tiny"]}
 PACKED = 8
-# Per device: a GPU-sized step (256 rows packed, 64 new tokens) and a CPU-sized one for CI.
+# Per device: a GPU-sized step (256 rows packed, 64 new tokens) and a CPU-sized one for CI. Micro-batch
+# tokens, LM-head chunks and the sampler's sync interval are the device defaults (device_defaults.py),
+# reported with the results.
 WORKLOAD = {
-    "cuda": {"promptsPerStep": 4, "groupSize": 8, "maxNewTokens": 64, "steps": 3, "microBatchTokens": 16384},
-    "cpu": {"promptsPerStep": 2, "groupSize": 4, "maxNewTokens": 8, "steps": 3, "microBatchTokens": 2048},
+    "cuda": {"promptsPerStep": 4, "groupSize": 8, "maxNewTokens": 64, "steps": 3},
+    "cpu": {"promptsPerStep": 2, "groupSize": 4, "maxNewTokens": 8, "steps": 3},
 }
 
 
@@ -139,7 +142,6 @@ def check_model(model: str, device: str, dtype: str, w: dict[str, int], log: Any
                 max_adapters=PACKED,
                 max_rank=16,
                 checkpoint_dir=Path(tmp),
-                micro_batch_tokens=w["microBatchTokens"],
             )
         )
         engine.load()
@@ -177,6 +179,8 @@ def check_model(model: str, device: str, dtype: str, w: dict[str, int], log: Any
             "loadSeconds": load_s,
             "device": str(base.device),
             "dtype": str(base.dtype),
+            "attention": str(base.model.config._attn_implementation),
+            "sizes": dataclasses.asdict(engine.sizes),
             "matmul": matmul,
             "runs": [alone, packed],
             "packingSpeedup": packed["experimentStepsPerSecond"] / alone["experimentStepsPerSecond"],
@@ -235,6 +239,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{iso['firstStepLogprobMaxRelative']:.2e}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Device defaults the runs used (clora_runtime/device_defaults.py):",
+        "",
+        "| model | attention | micro-batch tokens | LM-head chunk (logit floats) | decode steps per host"
+        " sync | fused AdamW |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in result["models"]:
+        z = r["sizes"]
+        lines.append(
+            f"| {r['model']} | {r['attention']} | {z['micro_batch_tokens']} | {z['head_chunk_elements']}"
+            f" | {z['decode_sync_every']} | {z['fused_adamw']} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

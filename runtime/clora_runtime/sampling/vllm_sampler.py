@@ -1,9 +1,10 @@
 """The vLLM sampler: one vLLM engine with LoRA enabled samples every experiment's rows together.
 
 vLLM keeps its own copy of each adapter, so after optimizer steps the engine calls `sync_adapters`,
-which exports the changed adapters (the bank's PEFT export) to memory-backed storage and hands vLLM
-each one as a *new* adapter version: a fresh lora_int_id, lora_name and folder per version. vLLM
-caches adapters (and prefix-cache blocks) by id and name, so reusing either after a weight change
+which exports the adapters whose weights changed (the bank's PEFT export, in the dtype vLLM runs in:
+bf16 on a GPU) to memory-backed storage (/dev/shm; a disk folder when it is short, with a log line)
+and hands vLLM each one as a *new* adapter version: a fresh lora_int_id, lora_name and folder per
+version. vLLM caches adapters (and prefix-cache blocks) by id and name, so reusing either after a weight change
 could serve stale weights or stale KV blocks; a new version can't. The old version is removed from
 vLLM and its folder deleted once the new one is in place.
 
@@ -31,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 
 if TYPE_CHECKING:
     from clora_runtime.config import EngineConfig
-    from clora_runtime.lora.bank import AdapterBank
+    from clora_runtime.lora.bank import Adapter, AdapterBank
     from clora_runtime.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,35 @@ def vllm_lora_rank(max_rank: int) -> int:
     )
 
 
-def shared_memory_dir() -> Path:
-    """Memory-backed storage for adapter exports when the machine has it (/dev/shm), else the temp dir."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return shm
-    return Path(tempfile.gettempdir())
+SHARED_MEMORY = Path("/dev/shm")
+# Room kept free in shared memory beyond an export: Ray and NCCL use /dev/shm too.
+SHM_HEADROOM_BYTES = 256 * 2**20
+
+
+def export_root(shm: Path, disk: Path, needed_bytes: int) -> tuple[Path, str | None]:
+    """Where the next adapter export goes: memory-backed `shm` when it is writable and has room for
+    `needed_bytes` plus SHM_HEADROOM_BYTES, else `disk`, with the reason to log."""
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return disk, f"{shm} is not a writable folder"
+    free = shutil.disk_usage(shm).free
+    if free < needed_bytes + SHM_HEADROOM_BYTES:
+        return disk, (
+            f"{shm} has {free / 2**20:.0f} MiB free, an adapter export needs {needed_bytes / 2**20:.0f} MiB"
+            f" + {SHM_HEADROOM_BYTES / 2**20:.0f} MiB headroom"
+        )
+    return shm, None
+
+
+def weights_version(adapter: Adapter) -> int:
+    """Changes whenever an optimizer step or a checkpoint load writes the adapter's tensors: the sum of
+    their in-place version counters, read without touching (or synchronising on) the data."""
+    return sum(p._version for p in adapter.parameters())
+
+
+def vllm_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype vLLM runs in, and so the one adapters are exported in: float32 on a CPU (bf16 is
+    several times slower there), the base model's dtype (bf16) on a GPU, half an fp32 export."""
+    return torch.float32 if device_type == "cpu" else dtype
 
 
 @dataclass
@@ -100,17 +126,35 @@ class VLLMSampler(Sampler):
             raise ValueError(
                 f"model: vLLM needs the base model as a folder on disk; {loaded.name!r} has none"
             )
+        if loaded.device.type == "cuda" and loaded.device.index not in (None, 0):
+            raise ValueError(
+                f"device: {loaded.device} with sampler vllm: vLLM runs on the process's visible GPUs;"
+                f" set CUDA_VISIBLE_DEVICES={loaded.device.index} and device cuda instead"
+            )
         self._bank = bank
         self._eos = sorted(loaded.eos_token_ids)
-        self._root = Path(tempfile.mkdtemp(prefix=f"clora-vllm-{os.getpid()}-", dir=shared_memory_dir()))
-        # /dev/shm outlives the process: delete the exports even if close() is never called.
-        weakref.finalize(self, shutil.rmtree, self._root, True)
+        self._seed_per_row = config.vllm_seed_per_row
+        self._dtype = vllm_dtype(loaded.device.type, loaded.dtype)
+        # Exports go to memory (/dev/shm) while it has room, else to disk; /dev/shm outlives the
+        # process, so both folders are deleted even if close() is never called.
+        prefix = f"clora-vllm-{os.getpid()}-"
+        self._roots = {
+            "shm": Path(tempfile.mkdtemp(prefix=prefix, dir=SHARED_MEMORY))
+            if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK)
+            else None,
+            "disk": Path(tempfile.mkdtemp(prefix=prefix)),
+        }
+        for root in self._roots.values():
+            if root is not None:
+                weakref.finalize(self, shutil.rmtree, root, True)
+        self._exported: dict[str, int] = {}  # adapter -> its weights' version at its last export
+        self._shm_short_logged = False
         self._ids = itertools.count(1)
         self._versions: dict[str, AdapterVersion] = {}
         # generate/sync come from the tick thread; add/remove may come from API threads.
         self._lock = threading.Lock()
         self.sync_stats = SyncStats()
-        self.llm = _start_engine(loaded, config, sizes, self._root)
+        self.llm = _start_engine(loaded, config, sizes, self._roots["disk"])
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     # ---- Sampler ---------------------------------------------------------------------------------
@@ -121,19 +165,24 @@ class VLLMSampler(Sampler):
 
     def remove_adapter(self, key: str) -> None:
         with self._lock:
+            self._exported.pop(key, None)
             old = self._versions.pop(key, None)
             if old is not None:
                 self._retire(old)
 
     def sync_adapters(self, keys: list[str]) -> None:
         started = time.perf_counter()
+        exported = 0
         with self._lock:
             for key in keys:
-                self._publish(key)
+                # only adapters whose weights an optimizer step changed since their last export
+                if self._exported.get(key) != self._weights_version(key):
+                    self._publish(key)
+                    exported += 1
         elapsed = time.perf_counter() - started
         stats = self.sync_stats
         stats.syncs += 1
-        stats.adapters += len(keys)
+        stats.adapters += exported
         stats.seconds += elapsed
         stats.last_seconds = elapsed
 
@@ -143,10 +192,11 @@ class VLLMSampler(Sampler):
         from vllm import SamplingParams
 
         with self._lock:
-            # An adapter the engine never announced (or whose export was lost) is published now:
-            # a row never runs on missing or stale weights.
+            # An adapter the engine never announced, or whose weights changed since their export
+            # (a checkpoint loaded into it), is published now: a row never runs on missing or stale
+            # weights.
             for key in {r.adapter_key for r in requests}:
-                if key not in self._versions:
+                if key not in self._versions or self._exported.get(key) != self._weights_version(key):
                     self._publish(key)
             loras = [self._versions[r.adapter_key].request for r in requests]
         prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
@@ -155,7 +205,9 @@ class VLLMSampler(Sampler):
                 n=1,
                 temperature=r.temperature,
                 max_tokens=max(1, min(r.max_new_tokens, self.max_model_len - len(r.prompt_ids))),
-                seed=r.seed,
+                # A seeded request samples on its own generator, in a per-request loop inside
+                # vLLM's sampler (docs/install.md has the cost); unseeded rows share the engine's.
+                seed=r.seed if self._seed_per_row else None,
                 stop_token_ids=self._eos,
                 detokenize=False,
                 logprobs=0,  # the sampled token's only (at the sampling temperature: see _start_engine)
@@ -223,7 +275,9 @@ class VLLMSampler(Sampler):
         """Stops vLLM's engine processes and deletes the exported adapters."""
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
-        shutil.rmtree(self._root, ignore_errors=True)
+        for root in self._roots.values():
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
 
     # ---- internals (hold self._lock) --------------------------------------------------------------
 
@@ -233,8 +287,9 @@ class VLLMSampler(Sampler):
 
         lora_int_id = next(self._ids)
         name = f"{key}@{lora_int_id}"
-        path = self._root / f"{_safe(key)}-{lora_int_id}"
-        self._bank.export_peft(key, path)
+        version = self._weights_version(key)
+        path = self._export_root(key) / f"{_safe(key)}-{lora_int_id}"
+        self._bank.export_peft(key, path, self._dtype)
         request = LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=str(path))
         old = self._versions.get(key)
         # Remove first: the cache then never holds more than one version per adapter, so loading
@@ -245,6 +300,23 @@ class VLLMSampler(Sampler):
         engine.add_lora(request)
         engine.pin_lora(lora_int_id)
         self._versions[key] = AdapterVersion(lora_int_id, name, path, request)
+        self._exported[key] = version
+
+    def _weights_version(self, key: str) -> int:
+        return weights_version(self._bank.adapters[key])
+
+    def _export_root(self, key: str) -> Path:
+        """/dev/shm while it has room for this adapter's export, else the disk folder (logged once)."""
+        shm, disk = self._roots["shm"], self._roots["disk"]
+        assert disk is not None
+        if shm is None:
+            return disk
+        needed = sum(p.numel() for p in self._bank.adapters[key].parameters()) * self._dtype.itemsize
+        root, reason = export_root(shm, disk, needed)
+        if reason is not None and not self._shm_short_logged:
+            log.warning("vLLM adapter exports go to %s on disk from now on: %s", disk, reason)
+            self._shm_short_logged = True
+        return root
 
     def _retire(self, version: AdapterVersion) -> None:
         with contextlib.suppress(Exception):
