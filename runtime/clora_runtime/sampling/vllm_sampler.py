@@ -4,9 +4,9 @@ vLLM keeps its own copy of each adapter, so after optimizer steps the engine cal
 which exports the adapters whose weights changed (the bank's PEFT export, in the dtype vLLM runs in:
 bf16 on a GPU) to memory-backed storage (/dev/shm; a disk folder when it is short, with a log line)
 and hands vLLM each one as a *new* adapter version: a fresh lora_int_id, lora_name and folder per
-version. vLLM caches adapters (and prefix-cache blocks) by id and name, so reusing either after a weight change
-could serve stale weights or stale KV blocks; a new version can't. The old version is removed from
-vLLM and its folder deleted once the new one is in place.
+version. vLLM caches adapters (and prefix-cache blocks) by id and name, so reusing either after a
+weight change could serve stale weights or stale KV blocks; a new version can't. The old version is
+removed from vLLM and its folder deleted once the new one is in place.
 
 Every row carries its adapter's current LoRARequest, whose path stays on disk until the next
 version replaces it: if vLLM ever drops an adapter from its cache, it reloads it from that path at
@@ -122,10 +122,6 @@ class VLLMSampler(Sampler):
         self, loaded: LoadedModel, bank: AdapterBank, config: EngineConfig, sizes: DeviceSizes | None = None
     ) -> None:
         sizes = sizes or DeviceSizes.cpu()
-        if loaded.path is None:
-            raise ValueError(
-                f"model: vLLM needs the base model as a folder on disk; {loaded.name!r} has none"
-            )
         if loaded.device.type == "cuda" and loaded.device.index not in (None, 0):
             raise ValueError(
                 f"device: {loaded.device} with sampler vllm: vLLM runs on the process's visible GPUs;"
