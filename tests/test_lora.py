@@ -37,6 +37,55 @@ def test_segments_match_a_per_row_loop() -> None:
     torch.testing.assert_close(layer(x), base(x))
 
 
+@pytest.mark.parametrize("path", ["grouped", "segments"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_no_grad_paths_match_a_per_row_loop(path: str, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gradients the layer reads stacked compute copies, grouped or segment by segment (the
+    cost rule picks; here it is pinned): the same numbers as the per-row loop, for an adapter in two
+    segments, a row without adapter and a slot with no rows; a slot whose weights turn NaN spoils its
+    own rows only; and the copies follow in-place weight changes."""
+    from clora_runtime.lora import layers
+
+    monkeypatch.setitem(layers.OPERATOR_COST_MACS, "cpu", 10**12 if path == "grouped" else 0)
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    ctx = LoRAContext()
+    layer = MultiLoRALinear(base, max_adapters=5, context=ctx)
+    weights = {}
+    for slot, rank in ((0, 2), (2, 5), (3, 3), (4, 4)):
+        w = SlotWeights(a=torch.randn(rank, 16), b=torch.randn(12, rank), scale=3.0 / rank, dropout=0.0)
+        layer.set_lora(slot, w)
+        weights[slot] = w
+    x = torch.randn(7, tokens, 16)
+    row_slots = [0, 0, -1, 2, 2, 0, 3]  # slot 4 has no rows
+
+    def want(row: int) -> torch.Tensor:
+        out = base(x[row])
+        slot = row_slots[row]
+        if slot >= 0:
+            w = weights[slot]
+            out = out + w.scale * (x[row] @ w.a.T) @ w.b.T
+        return out
+
+    for _ in range(2):
+        ctx.plan = BatchPlan.from_slots(row_slots)
+        with torch.no_grad():
+            got = layer(x)
+        for row in range(len(row_slots)):
+            torch.testing.assert_close(got[row], want(row), rtol=1e-5, atol=1e-5)
+        (cost,) = ctx.plan.layouts.values()
+        assert (cost.index is not None) == (path == "grouped")
+        with torch.no_grad():  # an optimizer-like in-place write: the copies must follow it
+            weights[2].b.mul_(-2.0)
+    with torch.no_grad():
+        weights[3].a.fill_(float("nan"))
+        ctx.plan = BatchPlan.from_slots(row_slots)
+        got = layer(x)
+    assert bool(got[6].isnan().all())
+    for row in range(6):
+        torch.testing.assert_close(got[row], want(row), rtol=1e-5, atol=1e-5)
+
+
 def test_plan_segments_and_selection() -> None:
     plan = BatchPlan.from_slots([1, 1, 0, 0, 0, -1, 1])
     assert plan.segments == [(1, 0, 2), (0, 2, 5), (-1, 5, 6), (1, 6, 7)]
@@ -102,16 +151,14 @@ def test_export_peft_loads_in_peft_with_the_same_logits(tiny_dir: Path, tmp_path
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_target_logprobs_match_plain_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_target_logprobs_match_plain_autograd() -> None:
     """The trainer's LM-head function (chunked, never holding [tokens, vocab] logits) gives the same
     values, entropies and hidden-state gradients as log_softmax over the full logits divided by each
     row's temperature."""
     import torch
 
-    from clora_runtime.training import trainer
     from clora_runtime.training.trainer import target_logprobs
 
-    monkeypatch.setattr(trainer, "HEAD_CHUNK_ELEMENTS", 10 * 1000)  # 10 rows a chunk: 4 chunks
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=False).requires_grad_(False)
     hidden = torch.randn(37, 16, requires_grad=True)
@@ -119,7 +166,10 @@ def test_chunked_target_logprobs_match_plain_autograd(monkeypatch: pytest.Monkey
     weights = torch.randn(37)
     temperatures = torch.rand(37) + 0.4
 
-    ours, entropy = target_logprobs(hidden, head, targets, temperatures, with_entropy=True)
+    chunk = 10 * 1000  # 10 rows a chunk: 4 chunks
+    ours, entropy = target_logprobs(
+        hidden, head, targets, temperatures, with_entropy=True, chunk_elements=chunk
+    )
     (ours * weights).sum().backward()
     grad_ours = hidden.grad.clone()
     hidden.grad = None

@@ -1,4 +1,4 @@
-"""`clora bench throughput | scaling | join`."""
+"""`clora bench throughput | rewards | scaling | join | ops | vllm-seeds`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--busy", type=int, default=7, help="experiments the warm runtime already trains")
     j.add_argument("--joins", type=int, default=5, help="newcomers timed, one after another")
 
+    o = sub.add_parser("ops", help="operator calls per decode step and per training micro-batch (profiler)")
+    o.add_argument("--model", default="tiny", help="base model: tiny | smollm2 | HF id | path")
+    o.add_argument("--device", default="cpu", help="cpu | cuda (the profiler counts CPU-side operators)")
+    o.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    o.add_argument("--threads", type=int, default=None, help="torch threads")
+    o.add_argument("--adapters", default="1,8", help="comma-separated numbers of adapters")
+    o.add_argument("--rows", type=int, default=64, help="decode rows, spread evenly over the adapters")
+    o.add_argument("--steps", type=int, default=8, help="decode steps S (generates of S and 2S tokens)")
+    o.add_argument("--train-rows", type=int, default=16, help="rows of the training micro-batch")
+    o.add_argument("--rank", type=int, default=8, help="every adapter's rank")
+    o.add_argument("--sync-every", type=int, default=None, help="sampler decode steps between host syncs")
+    o.add_argument("--json", type=Path, default=None, help="write the full result here")
+
+    v = sub.add_parser("vllm-seeds", help="what per-row seeds cost vLLM's sampler (needs vLLM)")
+    v.add_argument("--model", default="smollm2", help="base model: smollm2 | tiny | HF id | path")
+    v.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    v.add_argument("--adapters", type=int, default=8, help="adapters the rows are spread over")
+    v.add_argument("--rows", type=int, default=64, help="rows sampled together")
+    v.add_argument("--tokens", type=int, default=64, help="tokens per row (EOS ignored)")
+    v.add_argument("--repeats", type=int, default=5, help="seeded/unseeded pairs timed")
+    v.add_argument("--json", type=Path, default=None, help="write the full result here")
+
 
 def _write(result: dict[str, Any], path: Path | None, console: Console) -> None:
     result["command"] = " ".join(["clora", *sys.argv[1:]])
@@ -92,6 +114,40 @@ def _throughput_table(r: dict[str, Any]) -> Table:
 
 def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if args.bench == "ops":
+        from clora_runtime.bench import ops
+
+        with console.status("[bold]ops[/]: profiling decode steps and training micro-batches"):
+            result = ops.ops(
+                model=args.model,
+                adapters=[int(n) for n in args.adapters.split(",")],
+                rows=args.rows,
+                steps=args.steps,
+                train_rows=args.train_rows,
+                rank=args.rank,
+                device=args.device,
+                dtype=args.dtype,
+                sync_every=args.sync_every,
+                threads=args.threads,
+            )
+        console.print(ops.table(result))
+        _write(result, args.json, console)
+        if args.json is None:
+            print(json.dumps(result, default=str))
+        return 0
+    if args.bench == "vllm-seeds":
+        from clora_runtime.bench.vllm_seeds import vllm_seeds
+
+        result = vllm_seeds(
+            args.model, args.device, args.adapters, args.rows, args.tokens, args.repeats, console
+        )
+        console.print(
+            f"per-row seeds / none: [bold]{result['seededOverUnseeded']:.3f}x[/] ±"
+            f" {result['seededOverUnseededSe']:.3f} ({args.rows} rows x {args.tokens} tokens);"
+            f" {result['medianExtraMsPerDecodeStep']:.2f} ms more per decode step (median)"
+        )
+        _write(result, args.json, console)
+        return 0
     templates = templates_from(args.from_dir)
     if args.bench == "throughput":
         from clora_runtime.bench import throughput

@@ -181,6 +181,79 @@ def join_section(name: str, r: dict[str, Any]) -> list[str]:
     ]
 
 
+def vllm_seeds_section(name: str, r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    return [
+        f"### vLLM: what per-row seeds cost (`{c['model']}` on {c['device']}, {name})",
+        *_command(r),
+        f"The same {c['rows']} rows ({c['adapters']} adapters, {c['tokens']} tokens each, EOS ignored)"
+        f" sampled by vLLM with a seed per row and without, alternated {c['repeats']} times:",
+        "",
+        f"- seeded / unseeded wall time: **{r['seededOverUnseeded']:.3f}x"
+        f" ± {r['seededOverUnseededSe']:.3f}**;"
+        f" median extra per decode step {r['medianExtraMsPerDecodeStep']:.2f} ms.",
+        "- seeded s: "
+        + ", ".join(f"{x:.2f}" for x in r["seededSeconds"])
+        + "; unseeded s: "
+        + ", ".join(f"{x:.2f}" for x in r["unseededSeconds"])
+        + ".",
+        "",
+    ]
+
+
+def revisions_section(name: str, r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### Tick phases before and after ({c['model']}, {c['experiments']} experiments x {c['steps']}"
+        f" steps; before = {r['before']}; {name})",
+        *_command(r),
+        f"Runs of both revisions alternated in one session ({c['pairs']} pairs); first tick of each run"
+        " left out; after/before per pair, mean ± standard error:",
+        "",
+        "| phase | before s/tick | after s/tick | after / before |",
+        "|---|---:|---:|---:|",
+    ]
+    for phase, v in r["phases"].items():
+        lines.append(
+            f"| {phase} | {v['beforeSeconds']:.3f} | {v['afterSeconds']:.3f}"
+            f" | {v['afterOverBefore']:.3f} ± {v['afterOverBeforeSe']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def ops_section(name: str, r: dict[str, Any], before: dict[str, Any] | None = None) -> list[str]:
+    """Operator counts of one `clora bench ops` run; with `before` (the same command on the code before
+    the GPU-host-work issue, ops-before-*.json), each count beside the earlier one."""
+    c = r["config"]
+    lines = [
+        f"### Operator calls per decode step and training micro-batch (`{c['model']}`, {c['dtype']}, {name})",
+        *_command(r),
+        f"Machine: {_machine(r['machine'])}. {c['wrappedLinears']} wrapped linears, rank {c['rank']},"
+        f" {c['rows']} decode rows and {c['trainRows']} training rows spread evenly over the adapters;"
+        f" host syncs every {c['syncEvery']} decode step(s). Counted: {c['counting']}"
+        + ("; before: the same command on the code before the GPU-host-work issue." if before else "."),
+        "",
+        "| adapters | per decode step | per wrapped linear per decode step | host syncs per decode step"
+        " | per training micro-batch |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(n: str, part: str, key: str, fmt: str) -> str:
+        now = format(r["adapters"][n][part][key], fmt)
+        if before is None or n not in before["adapters"]:
+            return now
+        return f"{format(before['adapters'][n][part][key], fmt)} -> **{now}**"
+
+    for n in r["adapters"]:
+        lines.append(
+            f"| {n} | {cell(n, 'decode', 'perDecodeStep', '.0f')}"
+            f" | {cell(n, 'decode', 'perWrappedLinearPerDecodeStep', '.1f')}"
+            f" | {cell(n, 'decode', 'hostSyncsPerDecodeStep', '.2f')}"
+            f" | {cell(n, 'train', 'perMicroBatch', '.0f')} |"
+        )
+    return [*lines, ""]
+
+
 def render(results: Path, output: Path) -> str:
     out = [
         "# Benchmarks",
@@ -190,7 +263,7 @@ def render(results: Path, output: Path) -> str:
         "the limit that bounds it.",
         "",
     ]
-    order = ("throughput", "rewards", "scaling", "join")
+    order = ("throughput", "rewards", "scaling", "join", "revisions", "ops", "vllm-seeds")
     paths = [p for p in results.glob("*.json") if p.stem.startswith(order)]
     for path in sorted(
         paths, key=lambda p: (next(i for i, o in enumerate(order) if p.stem.startswith(o)), p.stem)
@@ -205,6 +278,15 @@ def render(results: Path, output: Path) -> str:
             out += scaling_section(name, r)
         elif name.startswith("join"):
             out += join_section(name, r)
+        elif name.startswith("revisions"):
+            out += revisions_section(name, r)
+        elif name.startswith("ops-before-"):
+            continue  # shown beside its after-run
+        elif name.startswith("ops"):
+            earlier = path.with_name(name.replace("ops-", "ops-before-", 1) + ".json")
+            out += ops_section(name, r, json.loads(earlier.read_text()) if earlier.exists() else None)
+        elif name.startswith("vllm-seeds"):
+            out += vllm_seeds_section(name, r)
         png = path.with_suffix(".png")
         if png.exists():
             out += [f"![{name}]({os.path.relpath(png, output.parent)})", ""]

@@ -67,6 +67,10 @@ class Adapter:
         return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.parameters()))
 
 
+def _mark_written(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
 class SlotsFull(Exception):
     """No free adapter slot."""
 
@@ -145,6 +149,9 @@ class AdapterBank:
             weight_decay=WEIGHT_DECAY,
             **({"fused": True} if self.fused_adamw else {"foreach": False}),
         )
+        # A fused AdamW writes the parameters without moving their version counters, which tell the
+        # layers' compute-dtype copies (and the vLLM sampler) that the weights changed: move them.
+        optimizer.register_step_post_hook(_mark_written)
         adapter = Adapter(key=key, slot=slot, shape=shape, modules=modules, a=a, b=b, optimizer=optimizer)
         for name in modules:
             self.layers[name].set_lora(
@@ -170,6 +177,16 @@ class AdapterBank:
                 yield plan
             finally:
                 self.context.plan = outer
+
+    def refresh(self, keys: list[str]) -> None:
+        """Bring the compute-dtype copies of these adapters' weights up to date now (after an optimizer
+        step), so the next sampling pass does not pay for it; a no-grad forward would otherwise do it
+        on first use."""
+        for key in keys:
+            adapter = self.adapters.get(key)
+            if adapter is not None:
+                for name in adapter.modules:
+                    self.layers[name].compute_copies()
 
     def set_plan(self, plan: BatchPlan | None) -> None:
         """Swap the plan inside an active `plan()` block (a decode batch that lost finished rows)."""

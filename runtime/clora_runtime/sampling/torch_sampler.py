@@ -5,7 +5,10 @@ identical prompts of one adapter (a GRPO group) are prefilled once, then their c
 the head an adapter's prompts share (the chat template's system turn) is prefilled once per adapter.
 Prompts are left-padded with per-row positions, so padding changes a row's numbers by rounding only.
 Each row draws its tokens from its own torch.Generator seeded by the request (inverse-CDF sampling),
-so a row's tokens never depend on its neighbours; finished rows leave the batch at once.
+all its uniform numbers at once when its chunk starts, so a row's tokens never depend on its
+neighbours. Decode steps do no host work per row: tokens, log-probs and EOS flags stay on the device,
+the host reads the EOS flags every `sync_every` steps (DeviceSizes.decode_sync_every: every step on a
+CPU, every 8 on a GPU), and rows that finished leave the batch then; the rest is read once at the end.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from clora_runtime.device_defaults import DeviceSizes
-from clora_runtime.lora.layers import BatchPlan
+from clora_runtime.lora.layers import BatchPlan, host_to_device
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 from clora_runtime.training.trainer import shared_prefixes, unique_prompts
 
 VOCAB_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from clora_runtime.config import EngineConfig
     from clora_runtime.lora.bank import AdapterBank
     from clora_runtime.models.loading import LoadedModel
@@ -38,6 +43,13 @@ class TorchSampler(Sampler):
         self.sync_every = sizes.decode_sync_every  # decode steps between host syncs
         self.eos = sorted(base.eos_token_ids)
         self.pad_id = int(base.tokenizer.pad_token_id or 0)
+        cfg = base.model.config
+        # decode steps pass SDPA a ready boolean mask (see _step_mask) where every layer attends fully
+        self._ready_mask = (
+            getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and getattr(cfg, "sliding_window", None) is None
+            and all(t == "full_attention" for t in getattr(cfg, "layer_types", None) or [])
+        )
 
     def add_adapter(self, key: str) -> None:  # shares the bank's weights: nothing to load
         pass
@@ -45,8 +57,10 @@ class TorchSampler(Sampler):
     def remove_adapter(self, key: str) -> None:
         pass
 
-    def sync_adapters(self, keys: list[str]) -> None:  # sampling reads the trained tensors themselves
-        pass
+    def sync_adapters(self, keys: list[str]) -> None:
+        """Sampling runs through the bank's layers; their compute-dtype copies of the stepped adapters
+        are refreshed now rather than on the first decode step."""
+        self.bank.refresh(keys)
 
     def slot_of(self, key: str) -> int:
         adapter = self.bank.adapters.get(key)
@@ -115,61 +129,131 @@ class TorchSampler(Sampler):
             select = torch.tensor(source, device=device)
             cache.batch_select_indices(select)  # the group's rows share one prefill
             logits = head(hidden)[select].float()
-            mask = mask[select]
-            next_pos = positions[select, -1] + 1
+            return self._decode(requests, slots, cache, logits, mask[select], positions[select, -1] + 1)
 
-            n = len(requests)
-            gens = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
-            temps = torch.tensor([r.temperature for r in requests], device=device).unsqueeze(1)
-            tokens: list[list[int]] = [[] for _ in range(n)]
-            finished = [False] * n
-            alive = list(range(n))  # request index of each batch row
-            plan = BatchPlan.from_slots(slots)
-            eos = set(self.eos)
-            drawn: list[tuple[list[int], torch.Tensor]] = []  # (rows, their log-probs) per decode step
-            while True:
-                chosen_t, logp = self._draw(logits, temps[alive], [gens[i] for i in alive])
-                drawn.append((alive, logp))
-                chosen = chosen_t.tolist()
-                keep: list[int] = []
-                for b, i in enumerate(alive):
-                    tokens[i].append(chosen[b])
-                    if chosen[b] in eos:
-                        finished[i] = True
-                    elif len(tokens[i]) < requests[i].max_new_tokens:
-                        keep.append(b)
+    def _decode(
+        self,
+        requests: list[SampleRequest],
+        slots: list[int],
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+    ) -> list[Completion]:
+        """Decode steps from the prompts' last logits. Tokens, log-probs and EOS flags stay on the
+        device; the host reads the EOS flags every `sync_every` steps (rows that finished leave the
+        batch then: what they drew after their EOS is dropped) and everything else once, at the end.
+        Rows that reach their max_new_tokens leave at once: the host knows when without a sync."""
+        device = self.base.device
+        decoder = self.base.model.get_decoder()
+        head = self.base.model.get_output_embeddings()
+        n = len(requests)
+        budgets = [max(r.max_new_tokens, 1) for r in requests]  # the first token is always drawn
+        uniforms = self._uniforms(requests, budgets)
+        temps = host_to_device(torch.tensor([[r.temperature] for r in requests]), device)
+        columns = torch.arange(VOCAB_BLOCK, device=device)
+        eos = torch.tensor(self.eos, device=device)
+        seen_eos = torch.zeros(n, dtype=torch.bool, device=device)
+        prompt_width = mask.shape[1]
+        # every column a row can reach, so a decode step slices the mask instead of growing it
+        mask = torch.cat([mask, torch.ones((n, max(budgets)), dtype=mask.dtype, device=device)], dim=1)
+        step_mask = self._step_mask(mask)
+        alive = list(range(n))  # request index of each batch row
+        plan = BatchPlan.from_slots(slots)
+        # (request indices of the batch rows, tokens [k, rows], log-probs [k, rows]) per stretch of
+        # steps with the same rows; read once at the end
+        windows: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        step = 0
+        next_end = min(budgets)  # the first step at which some row reaches its budget
+        last_end = max(budgets)  # the step at which every row has (no EOS read is needed then)
+        while True:
+            chosen, logp = self._draw(logits, temps, uniforms[:, step], columns)
+            drawn.append((chosen, logp))
+            if self.eos:
+                seen_eos |= torch.isin(chosen, eos)
+            step += 1
+            synced = bool(self.eos) and step % self.sync_every == 0 and step < last_end
+            if not synced and step < next_end:
+                keep = None
+            else:
+                ended = seen_eos.tolist() if synced else [False] * len(alive)  # the only sync
+                keep = [b for b, i in enumerate(alive) if budgets[i] > step and not ended[b]]
+            if keep is not None and len(keep) < len(alive):
+                windows.append((alive, *self._stacked(drawn)))
+                drawn = []
                 if not keep:
                     break
-                if len(keep) < len(alive):
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, next_pos = mask[index], next_pos[index]
-                    plan = plan.select(keep)
-                    alive = [alive[b] for b in keep]
-                self.bank.set_plan(plan)
-                step_ids = torch.tensor([[tokens[i][-1]] for i in alive], device=device)
-                mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
-                hidden = decoder(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=next_pos.unsqueeze(1),
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state[:, -1]
-                logits = head(hidden).float()
-                next_pos = next_pos + 1
-        # one transfer for every step's log-probs, dealt back to the rows in step order
-        flat = torch.cat([logp for _, logp in drawn]).tolist()
+                index = host_to_device(torch.tensor(keep), device)
+                cache.batch_select_indices(index)
+                mask, next_pos, temps = mask[index], next_pos[index], temps[index]
+                uniforms, seen_eos, chosen = uniforms[index], seen_eos[index], chosen[index]
+                step_mask = self._step_mask(mask)
+                plan = plan.select(keep)
+                alive = [alive[b] for b in keep]
+                next_end = min(budgets[i] for i in alive)
+                last_end = max(budgets[i] for i in alive)
+            self.bank.set_plan(plan)
+            hidden = decoder(
+                input_ids=chosen.unsqueeze(1),
+                attention_mask=step_mask[..., : prompt_width + step],
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            logits = head(hidden).float()
+            next_pos = next_pos + 1
+        return self._completions(windows, budgets)
+
+    def _completions(
+        self, windows: list[tuple[list[int], torch.Tensor, torch.Tensor]], budgets: list[int]
+    ) -> list[Completion]:
+        """Every row's tokens up to its EOS (included) or its budget, from one transfer of all steps."""
+        tokens_flat = torch.cat([t.flatten() for _, t, _ in windows]).tolist()
+        logp_flat = torch.cat([lp.flatten() for _, _, lp in windows]).tolist()
+        n = len(budgets)
+        tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
+        finished = [False] * n
+        stopped = [False] * n
+        eos = set(self.eos)
         at = 0
-        for rows, _ in drawn:
-            for i, value in zip(rows, flat[at : at + len(rows)], strict=True):
-                logprobs[i].append(value)
-            at += len(rows)
+        for rows, window, _ in windows:
+            for _ in range(window.shape[0]):
+                for i in rows:
+                    if not stopped[i]:
+                        token = tokens_flat[at]
+                        tokens[i].append(token)
+                        logprobs[i].append(logp_flat[at])
+                        if token in eos:
+                            finished[i] = stopped[i] = True
+                        elif len(tokens[i]) >= budgets[i]:
+                            stopped[i] = True
+                    at += 1
         return [
             Completion(token_ids=t, finished=f, logprobs=lp)
             for t, f, lp in zip(tokens, finished, logprobs, strict=True)
         ]
+
+    @staticmethod
+    def _stacked(drawn: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([t for t, _ in drawn]), torch.stack([lp for _, lp in drawn])
+
+    def _uniforms(self, requests: list[SampleRequest], budgets: list[int]) -> torch.Tensor:
+        """[rows, longest budget]: each row's uniform numbers for all its steps, drawn at once from its
+        own generator seeded by the request. A CPU generator, and exactly the row's budget of numbers,
+        so a row's draws depend on neither its neighbours nor the device."""
+        out = torch.full((len(requests), max(budgets)), 0.5)
+        for i, (request, budget) in enumerate(zip(requests, budgets, strict=True)):
+            out[i, :budget].uniform_(generator=torch.Generator().manual_seed(request.seed))
+        return host_to_device(out, self.base.device)
+
+    def _step_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask decode steps slice. SDPA models get it as a ready [rows, 1, 1, keys]
+        boolean mask: from a 2-D mask, transformers checks on the host whether any key is padding
+        (a device sync every decode step). Sliding-window models and other attentions keep the 2-D
+        mask, which transformers turns into theirs."""
+        return mask.bool()[:, None, None, :] if self._ready_mask else mask
 
     def _left_padded(
         self, prompts: list[list[int]], device: torch.device
@@ -185,11 +269,12 @@ class TorchSampler(Sampler):
 
     @staticmethod
     def _draw(
-        logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]
+        logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, columns: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row by inverse-CDF sampling, and its log-probability under softmax(logits / T):
-        one uniform number from each row's own generator, so rows never share randomness (and a row's
-        draw does not depend on the batch).
+        `u` holds one uniform number of [0, 1) per row, from the row's own generator, so rows never
+        share randomness (and a row's draw does not depend on the batch). `columns` is
+        arange(VOCAB_BLOCK) on the device.
 
         Two levels, so no cumulative sum runs over the whole vocabulary (a sequential scan, slow on a
         CPU): block sums pick the block of VOCAB_BLOCK tokens the draw falls in, then a cumulative sum
@@ -203,13 +288,12 @@ class TorchSampler(Sampler):
         if full < vocab:
             sums = torch.cat([sums, weights[:, full:].sum(dim=1, keepdim=True)], dim=1)
         block_cdf = sums.cumsum(dim=1)
-        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in gens])
         # scaled by the row's total: the draw lies in [0, total); side="right" never picks a block or
         # token of zero mass, even for u == 0
         target = (u * block_cdf[:, -1]).unsqueeze(1)
         block = torch.searchsorted(block_cdf, target, side="right").clamp_(max=sums.shape[1] - 1)
         before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-        columns = block * VOCAB_BLOCK + torch.arange(VOCAB_BLOCK, device=logits.device)
+        columns = block * VOCAB_BLOCK + columns
         columns.clamp_(max=vocab - 1)
         inside = weights.gather(1, columns).cumsum(dim=1)
         # columns past the vocabulary (a short last block) repeat its last token: masked out here

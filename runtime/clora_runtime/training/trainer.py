@@ -16,8 +16,19 @@ row), the update is redone adapter by adapter; an adapter that fails alone is re
 left out, the others step. Only when every adapter fails alone is the error the base model's, and
 it is raised.
 
-The hot loop does no per-token host work: per-token advantages, weights and owners are expanded on
-the device, and losses and statistics come back to the host once per update.
+The hot loop is written for a GPU, whatever it runs on. No per-token host work: each micro-batch is
+laid out on the host from the rows' lengths, reaches the device in one non-blocking copy per dtype,
+and per-token values are expanded from per-row ones there. No host sync in the loops over
+micro-batches and adapters: per-adapter losses and statistics stay device tensors until _apply reads
+them all in one transfer per update (where a non-finite loss or gradient norm fails its adapter
+alone), and the rows' log-prob sums come back once per step. tests/test_trainer_syncs.py counts the
+ops that would sync.
+
+Sizes come from device_defaults.DeviceSizes (Engine.load). The LM head takes
+head_chunk_elements // vocab rows of logits at a time and every chunk reads the whole head weight:
+at Qwen3's 151936-token vocabulary the CPU's 2**22 elements are 27 rows, so a 4096-token micro-batch
+would read the 0.78 GB bf16 weight of Qwen3-4B ~152 times; the GPU's 2**28 are 1766 rows, 3 reads for
+4096 tokens and 19 for the largest (32768-token) micro-batch, for 1 GiB of float32 logits per chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clora_runtime.device_defaults import CPU_HEAD_CHUNK_ELEMENTS
+from clora_runtime.device_defaults import CPU_HEAD_CHUNK_ELEMENTS, head_chunk_rows
 from clora_runtime.lora.bank import Adapter, AdapterBank
 from clora_runtime.lora.layers import BatchPlan
 from clora_runtime.training.grpo import token_losses
@@ -99,12 +110,16 @@ class StepResult:
 
 
 class Trainer:
+    """Trains the adapters of one bank. micro_batch_tokens (padded tokens per forward/backward) and
+    head_chunk_elements (logit floats per LM-head chunk) are the device's (DeviceSizes); the defaults
+    here are the CPU's."""
+
     def __init__(
         self, bank: AdapterBank, micro_batch_tokens: int, head_chunk_elements: int = CPU_HEAD_CHUNK_ELEMENTS
     ) -> None:
         self.bank = bank
         self.micro_batch_tokens = micro_batch_tokens
-        self.head_chunk_elements = head_chunk_elements  # logit floats per LM-head chunk
+        self.head_chunk_elements = head_chunk_elements
         self.record_logprobs = False  # keep each row's token log-probabilities (tests, debugging)
         # Called after an update's backward, before its gradients are clipped and applied: (key,
         # update index). Tests read the gradients there.
@@ -137,7 +152,9 @@ class Trainer:
         for batch in self.micro_batches(rows, slots, list(range(len(rows)))):
             chosen = [rows[i] for i in batch]
             prepared = _Prepared.build(chosen, [slots[r.key] for r in chosen], device)
-            logp, _ = prepared.token_logprobs(self.bank, adapters_on=True)
+            logp, _ = prepared.token_logprobs(
+                self.bank, adapters_on=True, head_chunk_elements=self.head_chunk_elements
+            )
             for i, part in zip(batch, logp.split(prepared.lengths), strict=True):
                 out[i] = part
         return out
@@ -241,12 +258,18 @@ class Trainer:
             ref_logp = step.gather(step.ref, batch)
             if ref_logp is None:
                 with torch.no_grad():
-                    ref_logp, _ = prep.token_logprobs(self.bank, adapters_on=False)
+                    ref_logp, _ = prep.token_logprobs(
+                        self.bank, adapters_on=False, head_chunk_elements=self.head_chunk_elements
+                    )
                 step.counts.reference_body += prep.body_tokens
                 step.counts.reference_head += prep.tokens
                 step.scatter(step.ref, batch, ref_logp, prep.lengths)
         logp, entropy = prep.token_logprobs(
-            self.bank, adapters_on=True, generators=generators, with_entropy=first
+            self.bank,
+            adapters_on=True,
+            generators=generators,
+            with_entropy=first,
+            head_chunk_elements=self.head_chunk_elements,
         )
         if first:
             old_logp = logp.detach()  # the sampling policy: same weights as at sampling
@@ -411,8 +434,8 @@ class _Step:
         if not done:
             return out
         flat = torch.cat([self.old[i] for i in done])  # type: ignore[misc]
-        lengths = torch.tensor([len(self.rows[i].completion_ids) for i in done], device=flat.device)
-        owner = torch.repeat_interleave(torch.arange(len(done), device=flat.device), lengths)
+        owner, _ = _token_layout([len(self.rows[i].completion_ids) for i in done], 0)
+        (owner,) = _upload([owner], flat.device)
         sums = torch.zeros(len(done), dtype=torch.float32, device=flat.device).index_add_(
             0, owner, flat.float()
         )
@@ -475,7 +498,9 @@ class _Prepared:
     adapter of the micro-batch has one, that prefix is run once per adapter first and each prompt runs
     only its own tail on top of it (its cache repeated per prompt, as the prompts' is per row).
 
-    Per-token tensors (advantages, weights, temperatures) are expanded from per-row ones on the device."""
+    Everything is laid out on the host, where the lengths are known, and reaches the device in one
+    non-blocking copy per dtype; per-token tensors (advantages, weights, temperatures, targets) are
+    expanded from per-row ones on the device. Nothing here reads a device tensor back."""
 
     prefix_ids: torch.Tensor | None  # [S, Lx], left-padded: one shared prefix per adapter, or None
     prefix_mask: torch.Tensor | None  # [S, Lx]
@@ -499,6 +524,8 @@ class _Prepared:
     body_tokens: (
         int  # positions run through the decoder, padding excluded: prefixes, prompt tails, completions
     )
+    # Whether the first decoder call (the prefixes, else the prompts) has padding (_attention_mask)
+    first_padded: bool = False
 
     @property
     def tokens(self) -> int:
@@ -508,20 +535,23 @@ class _Prepared:
     def build(cls, batch: list[TrainRow], slots: list[int], device: torch.device) -> _Prepared:
         unique, source = unique_prompts(slots, [r.prompt_ids for r in batch])
         prefixes = shared_prefixes(unique)
-        prefix_ids = prefix_mask = prefix_source = None
         prefix_slots: list[int] = []
         heads: list[tuple[int, ...]] = []
         tails = [list(prompt) for _, prompt in unique]
+        host: dict[str, torch.Tensor] = {}  # int64, moved to the device together
         if prefixes is not None:
             prefix_slots = list(prefixes)
             heads = [next(p for s, p in unique if s == slot)[: prefixes[slot]] for slot in prefix_slots]
-            prefix_ids, prefix_mask = _padded(heads, device, left=True)
-            prefix_source = torch.tensor([prefix_slots.index(s) for s, _ in unique], device=device)
+            host["prefix_ids"], host["prefix_mask"] = _padded(heads, left=True)
+            host["prefix_source"] = torch.tensor([prefix_slots.index(s) for s, _ in unique])
             tails = [list(prompt[prefixes[slot] :]) for slot, prompt in unique]
-        prompt_ids, prompt_mask = _padded(tails, device, left=True)
-        completion_ids, completion_mask = _padded([r.completion_ids for r in batch], device, left=False)
+        host["prompt_ids"], host["prompt_mask"] = _padded(tails, left=True)
+        host["completion_ids"], host["completion_mask"] = _padded(
+            [r.completion_ids for r in batch], left=False
+        )
+        host["source"] = torch.tensor(source)
         lengths = [len(r.completion_ids) for r in batch]
-        per_token = torch.tensor(lengths, device=device)
+        host["owner"], host["token_index"] = _token_layout(lengths, host["completion_ids"].shape[1])
         segments: list[tuple[str, int, int]] = []
         start = 0
         for row, n in zip(batch, lengths, strict=True):
@@ -530,34 +560,37 @@ class _Prepared:
             else:
                 segments.append((row.key, start, start + n))
             start += n
+        first = heads if prefixes is not None else tails
+        per_row = torch.tensor(
+            [[r.advantage for r in batch], [r.token_weight for r in batch], [r.temperature for r in batch]],
+            dtype=torch.float32,
+        )  # [3, R]
 
-        # built once per micro-batch, so the forward selects tokens without a host sync
-        token_index = completion_mask.flatten().nonzero().squeeze(1)
-
-        def expand(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device).repeat_interleave(per_token)
-
+        on = dict(zip(host, _upload(list(host.values()), device), strict=True))
+        (per_row,) = _upload([per_row], device)
+        advantages, weights, temperatures = per_row.index_select(1, on["owner"]).unbind(0)  # [N] each
         return cls(
-            prefix_ids=prefix_ids,
-            prefix_mask=prefix_mask,
+            prefix_ids=on.get("prefix_ids"),
+            prefix_mask=on.get("prefix_mask"),
             prefix_slots=prefix_slots,
-            prefix_source=prefix_source,
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+            prefix_source=on.get("prefix_source"),
+            prompt_ids=on["prompt_ids"],
+            prompt_mask=on["prompt_mask"],
             prompt_slots=[s for s, _ in unique],
-            source=torch.tensor(source, device=device),
-            completion_ids=completion_ids,
-            completion_mask=completion_mask.bool(),
+            source=on["source"],
+            completion_ids=on["completion_ids"],
+            completion_mask=on["completion_mask"].bool(),
             row_slots=list(slots),
             lengths=lengths,
             row_keys=[r.key for r in batch],
             token_segments=segments,
-            token_index=token_index,
-            targets=completion_ids.flatten().index_select(0, token_index),
-            advantages=expand([r.advantage for r in batch]),
-            weights=expand([r.token_weight for r in batch]),
-            temperatures=expand([r.temperature for r in batch]),
+            token_index=on["token_index"],
+            targets=on["completion_ids"].flatten().index_select(0, on["token_index"]),
+            advantages=advantages,
+            weights=weights,
+            temperatures=temperatures,
             body_tokens=sum(len(h) for h in heads) + sum(len(t) for t in tails) + sum(lengths),
+            first_padded=len({len(q) for q in first}) > 1,
         )
 
     def token_logprobs(
@@ -566,6 +599,7 @@ class _Prepared:
         adapters_on: bool,
         generators: dict[int, torch.Generator] | None = None,
         with_entropy: bool = False,
+        head_chunk_elements: int = CPU_HEAD_CHUNK_ELEMENTS,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log p(token) of every completion token, in row order, at each row's temperature: with each
         row's adapter (in training with dropout, when generators are given), or with every adapter off
@@ -578,7 +612,7 @@ class _Prepared:
         prompt_positions = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         prompt_mask = self.prompt_mask
 
-        def run(slots: list[int], **kwargs: torch.Tensor | DynamicCache | bool) -> torch.Tensor:
+        def run(slots: list[int], **kwargs: torch.Tensor | DynamicCache | bool | None) -> torch.Tensor:
             plan = BatchPlan.from_slots(slots, training=generators is not None) if adapters_on else None
             if plan is not None and generators is not None:
                 plan.dropout_generators = generators
@@ -590,7 +624,9 @@ class _Prepared:
             run(
                 self.prefix_slots,
                 input_ids=self.prefix_ids,
-                attention_mask=self.prefix_mask,
+                attention_mask=_attention_mask(
+                    self.prefix_mask, self.prefix_mask.shape[1], model, not self.first_padded
+                ),
                 position_ids=(self.prefix_mask.cumsum(-1) - 1).clamp(min=0),
                 past_key_values=cache,
                 use_cache=True,
@@ -601,7 +637,12 @@ class _Prepared:
         hp = run(
             self.prompt_slots,
             input_ids=self.prompt_ids,
-            attention_mask=prompt_mask,
+            attention_mask=_attention_mask(
+                prompt_mask,
+                self.prompt_ids.shape[1],
+                model,
+                self.prefix_ids is None and not self.first_padded,
+            ),
             position_ids=prompt_positions,
             past_key_values=cache,
             use_cache=True,
@@ -613,7 +654,7 @@ class _Prepared:
         hc = run(
             self.row_slots,
             input_ids=self.completion_ids,
-            attention_mask=mask,
+            attention_mask=_attention_mask(mask, self.completion_ids.shape[1], model),
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
@@ -624,12 +665,17 @@ class _Prepared:
         hidden = torch.cat([first, hc[:, :-1]], dim=1)  # [R, Lc, H]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.token_index)  # [N, H]
         return target_logprobs(
-            hidden, model.get_output_embeddings(), self.targets, self.temperatures, with_entropy
+            hidden,
+            model.get_output_embeddings(),
+            self.targets,
+            self.temperatures,
+            with_entropy,
+            chunk_elements=head_chunk_elements,
         )
 
 
-def _padded(seqs: list[list[int]], device: torch.device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask [len(seqs), longest], aligned on the right (left padding) or the left."""
+def _padded(seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host token ids and mask [len(seqs), longest], aligned on the right (left padding) or the left."""
     width = max(len(q) for q in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -638,11 +684,58 @@ def _padded(seqs: list[list[int]], device: torch.device, left: bool) -> tuple[to
             cols = slice(width - len(q), width) if left else slice(0, len(q))
             ids[i, cols] = torch.tensor(q)
             mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
+    return ids, mask
 
 
-# Token rows per chunk of the LM head: logits of [chunk, vocab] floats (about 16 MiB) at a time.
-HEAD_CHUNK_ELEMENTS = 2**22
+def _token_layout(lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host [N] tensors for N = sum(lengths) tokens laid out row by row: the row of each token and its
+    flat position in the right-padded [rows, width] completions. From the lengths, not from a mask:
+    nonzero() on a device mask, or repeat_interleave without its output size, reads the device back."""
+    total = sum(lengths)
+    counts = torch.tensor(lengths, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), counts, output_size=total)
+    row_start = counts.cumsum(0) - counts  # first token of each row in the flat order
+    column = torch.arange(total) - row_start.index_select(0, owner)
+    return owner, owner * width + column
+
+
+def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors of one dtype on `device`, in one copy. To a GPU the copy goes from pinned memory,
+    non-blocking: a copy from pageable memory waits until the device queue has drained (a host sync)."""
+    flat = torch.cat([t.reshape(-1) for t in host])
+    pinned = device.type == "cuda"
+    flat = (flat.pin_memory() if pinned else flat).to(device, non_blocking=pinned)
+    parts = flat.split([t.numel() for t in host])
+    return [part.view(t.shape) for part, t in zip(parts, host, strict=True)]
+
+
+def _attention_mask(
+    mask: torch.Tensor, queries: int, model: torch.nn.Module, unpadded_start: bool = False
+) -> torch.Tensor | None:
+    """The attention mask of one decoder call, from the 2D padding mask [B, kv] of the cache and the
+    call's `queries` new positions (its last columns).
+
+    Handed a 2D mask, transformers reads it on the host to learn whether it may drop it (SDPA's
+    is_causal): a host sync per decoder call. The host knows already: a call on an empty cache without
+    padding (unpadded_start) needs no mask; otherwise SDPA and eager attention get the 4D mask
+    transformers would build (for SDPA, attend where True; for eager, additive), which it takes as is.
+    Other attention kernels take the 2D mask.
+    """
+    if unpadded_start:
+        return None
+    kind = getattr(model.config, "_attn_implementation", None)
+    if kind not in ("sdpa", "eager"):
+        return mask
+    keys = mask.shape[1]
+    # query i is position keys - queries + i: it sees the keys up to there
+    causal = torch.ones((queries, keys), dtype=torch.bool, device=mask.device).tril_(keys - queries)
+    allowed = causal & mask.bool()[:, None, None, :]  # [B, 1, queries, keys]
+    if kind == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def target_logprobs(
@@ -651,12 +744,15 @@ def target_logprobs(
     targets: torch.Tensor,
     temperatures: torch.Tensor | None = None,
     with_entropy: bool = False,
+    chunk_elements: int = CPU_HEAD_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(head(hidden) / T)[target] for each row of hidden [N, H], in float32, and (if asked)
     the entropy of each row's distribution (no gradient). T is per row (None: 1).
 
     A frozen bias-free linear head (every decoder-only LM here) goes through _TargetLogProb, which never
-    holds the [N, vocab] logits; anything else falls back to plain autograd.
+    holds the [N, vocab] logits: it takes chunk_elements // vocab rows at a time (at least one), each
+    chunk reading the whole head weight once (device_defaults.*_HEAD_CHUNK_ELEMENTS). Anything else
+    falls back to plain autograd.
     """
     if temperatures is None:
         temperatures = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -675,7 +771,7 @@ def target_logprobs(
             with torch.no_grad():
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp_all.gather(1, targets.unsqueeze(1)).squeeze(1), entropy
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+    chunk = head_chunk_rows(chunk_elements, weight.shape[0])
     logp, entropy = _TargetLogProb.apply(hidden, weight, targets, temperatures, chunk, with_entropy)
     return logp, entropy if with_entropy else None
 
