@@ -20,6 +20,7 @@ commands=(
   "clora bench rewards --experiments 8 --seeds 3 --steps 16 --jobs 2 --threads 1 --model $model --from examples/local --json $out/rewards-$tag-$model.json --plot $out/rewards-$tag-$model.png"
   "clora bench scaling --max-experiments 16 --steps 3 --model $scaling_model --from examples/local --json $out/scaling-$tag-$scaling_model.json --plot $out/scaling-$tag-$scaling_model.png"
   "clora bench join --model $model --from examples/local --json $out/join-$tag-$model.json"
+  "clora bench ops --model tiny --json $out/ops-$tag-tiny.json"
 )
 for c in "${commands[@]}"; do
   echo "+ $c" >&2
