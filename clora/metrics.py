@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "clora_"
 
@@ -73,6 +76,19 @@ OPERATOR_METRICS: dict[str, str] = {
     "clora_reconcile_errors": "Handler errors, by resource kind and reason (RuntimeUnavailable, Conflict,"
     " APIUnavailable, HTTP<status>, InvalidSpec, or the exception's type).",
 }
+# A pod of several replicas (LoRARuntime spec.replicas > 1) labels these with `replica` (0-based): they
+# describe one engine. Per-experiment series need no label: an experiment lives on one replica.
+REPLICA_LABEL = "replica"
+PER_REPLICA_METRICS = frozenset(
+    {
+        "clora_tick_duration_seconds",
+        "clora_tokens_sampled",
+        "clora_tokens_trained",
+        "clora_active_adapters",
+        "clora_free_slots",
+        "clora_checkpoint_duration_seconds",
+    }
+)
 TICK_PHASES = ("sample", "reward", "train", "sync")
 _SECONDS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -91,6 +107,9 @@ class RuntimeMetrics:
     free_slots: Gauge
     checkpoint_duration: Histogram
     experiment_stats: dict[str, Gauge]  # EXPERIMENT_STATS key -> gauge
+    # Refreshing an experiment's series and dropping them must not interleave, or a scrape could bring
+    # a removed experiment's series back.
+    _series_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> RuntimeMetrics:
@@ -139,9 +158,51 @@ class RuntimeMetrics:
 
     def forget_experiment(self, namespace: str, name: str) -> None:
         """Drop an experiment's series once it leaves the runtime."""
-        for gauge in (self.experiment_step, self.experiment_reward, *self.experiment_stats.values()):
-            with contextlib.suppress(KeyError):
-                gauge.remove(namespace, name)
+        with self._series_lock:
+            for gauge in (self.experiment_step, self.experiment_reward, *self.experiment_stats.values()):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(namespace, name)
+
+    def exposition(self, states: Callable[[], Iterable[_Progress]] | None) -> bytes:
+        """The registry in the Prometheus text format. `states` (the engine's, once loaded) refreshes
+        step and reward first: that also covers an experiment resumed from a checkpoint that has not
+        stepped here yet."""
+        if states is not None:
+            with self._series_lock:
+                for s in states():
+                    self.experiment_step.labels(s.namespace, s.name).set(s.step)
+                    if s.reward.mean is not None and math.isfinite(s.reward.mean):
+                        self.experiment_reward.labels(s.namespace, s.name).set(s.reward.mean)
+        return generate_latest(self.registry)
+
+
+class _Reward(Protocol):
+    mean: float | None
+
+
+class _Progress(Protocol):
+    """What exposition() reads of an experiment (clora.api.runtime_api.ExperimentState)."""
+
+    namespace: str
+    name: str
+    step: int
+    reward: _Reward
+
+
+def label_replicas(per_replica: Sequence[Iterable[Metric]]) -> list[Metric]:
+    """One pod's metric families from those of its replicas (index = replica): PER_REPLICA_METRICS get
+    a `replica` label, the rest (per-experiment series) are merged as they are."""
+    merged: dict[str, Metric] = {}
+    for replica, families in enumerate(per_replica):
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            labelled = family.name in PER_REPLICA_METRICS
+            for sample in family.samples:
+                labels = {**sample.labels, REPLICA_LABEL: str(replica)} if labelled else sample.labels
+                into.add_sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
+    return list(merged.values())
 
 
 @dataclass

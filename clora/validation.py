@@ -301,9 +301,10 @@ def cel_problems(
                 if not any(_under(b, p) for b in bad):
                     problems.append(FieldProblem(p, f"rule {text!r} could not be evaluated: {exc}"))
                 continue
-            if not ok:
+            target = _rule_path(p, rule.get("fieldPath"))
+            if not ok and target not in bad:  # a wrong type at its field: the schema said so already
                 message = rule.get("message") or f"failed rule: {text}"
-                problems.append(FieldProblem(_rule_path(p, rule.get("fieldPath")), message))
+                problems.append(FieldProblem(target, message))
         if _is_untyped(s):
             return
         if isinstance(v, dict) and s.get("type") == "object":

@@ -138,7 +138,7 @@ def test_runtime_status_counts_ready_pods_and_slots() -> None:
         {"name": "b", "node": "n2", "ready": False, "experiments": [], "slotsFree": 2},
         {"name": "a", "node": "n1", "ready": True, "experiments": ["ns/x"], "slotsFree": 1},
     ]
-    st = status.runtime_status({}, pod_list, max_adapters=2, generation=3, now=T0)
+    st = status.runtime_status({}, pod_list, slots_per_pod=2, generation=3, now=T0)
     assert (st["readyPods"], st["totalSlots"], st["usedSlots"]) == (1, 2, 1)
     assert [p["name"] for p in st["pods"]] == ["a", "b"]
     conds = {c["type"]: c for c in st["conditions"]}

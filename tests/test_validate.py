@@ -175,6 +175,12 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.tolerations[0].effect", '"NoSchedule"'),
     ("gpu limit a list", edit(RUNTIME, "spec.resources.limits", {"nvidia.com/gpu": [1]}),
      "spec.resources.limits[nvidia.com/gpu]", "an integer or a string"),
+    ("gpu limit not replicas x devices", edit(edit(RUNTIME, "spec.replicas", 2), "spec.resources.limits",
+                                              {"nvidia.com/gpu": 1}),
+     "spec.resources.limits[nvidia.com/gpu]", "must equal replicas x devicesPerReplica"),
+    ("devicesPerReplica 2", edit(RUNTIME, "spec.devicesPerReplica", 2), "spec.devicesPerReplica",
+     "tensor parallel) is not built yet"),
+    ("replicas 0", edit(RUNTIME, "spec.replicas", 0), "spec.replicas", "between 1 and 64"),
     ("two checkpoint volumes", edit(RUNTIME, "spec.checkpointVolume",
                                     {"hostPath": {"path": "/x"}, "emptyDir": {}}),
      "spec.checkpointVolume", "at most one"),
@@ -458,3 +464,9 @@ def test_unsupported_cel_is_said_not_skipped() -> None:
 def test_problem_line_format() -> None:
     problem = Problem("f.yaml", "LoRAExperiment", "x", "spec.lora.rank", "must be between 1 and 512")
     assert str(problem) == "f.yaml: LoRAExperiment/x: spec.lora.rank: must be between 1 and 512"
+
+
+@pytest.mark.parametrize("gpus", [8, "8"])
+def test_eight_replicas_on_eight_gpus_are_valid(gpus: int | str) -> None:
+    runtime = edit(edit(RUNTIME, "spec.replicas", 8), "spec.resources.limits", {"nvidia.com/gpu": gpus})
+    assert [p for p in check_object(runtime) if p.severity == "error"] == []

@@ -92,6 +92,8 @@ class ExperimentState(StatusModel):
     spec_digest: str | None = None
     """`spec_digest` of the spec the runtime holds: how the operator sees that a changed spec has not
     reached the runtime yet, from the runtime's own answer."""
+    replica: int | None = None
+    """The replica of the pod (0-based; LoRARuntime spec.replicas) whose engine trains it."""
 
 
 def spec_digest(spec: LoRAExperimentSpec) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
 from clora.constants import API_VERSION, RUNTIME_KIND
@@ -13,6 +13,14 @@ from clora.constants import API_VERSION, RUNTIME_KIND
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 
 DEFAULT_CHECKPOINT_MOUNT = "/var/lib/clora/checkpoints"
+GPU_RESOURCE = "nvidia.com/gpu"
+# Replicas > 1 are Ray actors; Ray's object store lives in /dev/shm (see default_shm_size).
+RAY_OBJECT_STORE_MIB = 256
+TENSOR_PARALLEL_NOT_BUILT = (
+    "devicesPerReplica > 1 (one base model over several GPUs: tensor parallel) is not built yet;"
+    " use devicesPerReplica 1 with one replica per GPU (docs/multi-gpu.md has the design)"
+)
+GPU_LIMIT_MESSAGE = "resources.limits['nvidia.com/gpu'] must equal replicas x devicesPerReplica"
 # /dev/shm of a runtime pod: room for NCCL and Ray, plus every adapter's export (see shm_size).
 SHM_BASE_MIB = 1024
 SHM_MIB_PER_RANK = 4
@@ -109,6 +117,26 @@ class CheckpointVolume(SpecModel):
 class LoRARuntimeSpec(SpecModel):
     """The desired pool of warm runtime pods."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.devicesPerReplica == 1",
+                    "message": TENSOR_PARALLEL_NOT_BUILT,
+                    "fieldPath": ".devicesPerReplica",
+                },
+                {
+                    "rule": "!has(self.resources) || !has(self.resources.limits) ||"
+                    f" !('{GPU_RESOURCE}' in self.resources.limits) ||"
+                    f" int(string(self.resources.limits['{GPU_RESOURCE}']))"
+                    " == self.replicas * self.devicesPerReplica",
+                    "message": GPU_LIMIT_MESSAGE,
+                    "fieldPath": f".resources.limits['{GPU_RESOURCE}']",
+                },
+            ]
+        }
+    )
+
     base_model: str = Field(min_length=1)
     """The base model: a Hugging Face model id, a path inside the pod, or a built-in name
     (smollm2: SmolLM2-135M-Instruct shipped with clora; tiny: a few-million-parameter test model)."""
@@ -121,7 +149,16 @@ class LoRARuntimeSpec(SpecModel):
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """Container resources of each runtime pod, e.g. limits {nvidia.com/gpu: 1}."""
     capacity: Capacity = Field(default_factory=Capacity)
-    """How many experiments, of what rank and sampling budget, one pod takes on."""
+    """How many experiments, of what rank and sampling budget, each replica of a pod takes on: a pod
+    has replicas x maxAdapters slots."""
+    replicas: int = Field(1, ge=1, le=64)
+    """Engines per pod, each a full copy of the base model with its own adapter slots, sampler and
+    trainer on its own device(s): on a node of 8 GPUs, 8 replicas train 8 x maxAdapters experiments.
+    An experiment runs on one replica. With more than 1 they are Ray actors inside the pod."""
+    devices_per_replica: int = Field(1, ge=1, le=64)
+    """GPUs each replica holds. Only 1 for now: a base model larger than one GPU (tensor parallel) is
+    the next step (docs/multi-gpu.md). When resources.limits sets nvidia.com/gpu, it must equal
+    replicas x devicesPerReplica."""
     sampler: Literal["torch", "vllm"] = "torch"
     """The sampling engine: torch (built in, any device) or vllm (GPU nodes)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -140,16 +177,31 @@ class LoRARuntimeSpec(SpecModel):
     LoRA included), true on a CPU."""
     shm_size: Quantity | None = None
     """The size of the pod's memory-backed /dev/shm (vLLM's adapter exports, Ray and NCCL use it).
-    Unset: 1Gi plus (maxAdapters + 1) x maxRank x 4Mi, room for every adapter's export at the largest
-    rank for a model of about 4B parameters in bfloat16 (4 MiB per unit of rank). The memory counts
-    against the pod's memory only as far as it is used."""
+    Unset: 1Gi plus replicas x (maxAdapters + 1) x maxRank x 4Mi, room for every adapter's export at
+    the largest rank for a model of about 4B parameters in bfloat16 (4 MiB per unit of rank), plus
+    256Mi for Ray's object store when replicas > 1. The memory counts against the pod's memory only as
+    far as it is used."""
     checkpoint_volume: CheckpointVolume = Field(default_factory=CheckpointVolume)
     """The volume adapter checkpoints are written to; with no source, the pod's scratch space."""
 
+    @model_validator(mode="after")
+    def _devices(self) -> LoRARuntimeSpec:
+        if self.devices_per_replica != 1:
+            raise ValueError(f"devicesPerReplica: {TENSOR_PARALLEL_NOT_BUILT}")
+        gpus = self.resources.limits.get(GPU_RESOURCE)
+        if gpus is not None and str(gpus) != str(self.replicas * self.devices_per_replica):
+            raise ValueError(f"{GPU_LIMIT_MESSAGE}: {gpus} != {self.replicas} x {self.devices_per_replica}")
+        return self
 
-def default_shm_size(capacity: Capacity) -> str:
-    """The /dev/shm size of a pod with this capacity when spec.shmSize is unset."""
-    return f"{SHM_BASE_MIB + (capacity.max_adapters + 1) * capacity.max_rank * SHM_MIB_PER_RANK}Mi"
+    def slots_per_pod(self) -> int:
+        return self.replicas * self.capacity.max_adapters
+
+
+def default_shm_size(capacity: Capacity, replicas: int = 1) -> str:
+    """The /dev/shm size of a pod with this capacity (per replica) when spec.shmSize is unset."""
+    exports = replicas * (capacity.max_adapters + 1) * capacity.max_rank * SHM_MIB_PER_RANK
+    ray = RAY_OBJECT_STORE_MIB if replicas > 1 else 0
+    return f"{SHM_BASE_MIB + exports + ray}Mi"
 
 
 class RuntimePodStatus(StatusModel):
@@ -164,7 +216,7 @@ class RuntimePodStatus(StatusModel):
     experiments: list[str] = Field(default_factory=list)
     """The experiments placed on this pod, as namespace/name."""
     slots_free: int = 0
-    """Adapter slots still free on this pod."""
+    """Adapter slots still free on this pod (over all its replicas)."""
 
 
 class LoRARuntimeStatus(StatusModel):
@@ -173,7 +225,7 @@ class LoRARuntimeStatus(StatusModel):
     ready_pods: int = 0
     """Runtime pods whose base model is loaded and that answer."""
     total_slots: int = 0
-    """Adapter slots over all ready pods."""
+    """Adapter slots over all ready pods: ready pods x replicas x maxAdapters."""
     used_slots: int = 0
     """Adapter slots taken by experiments."""
     pods: list[RuntimePodStatus] = Field(default_factory=list)

@@ -133,6 +133,10 @@ def runtime_args(runtime: LoRARuntime) -> list[str]:
         str(spec.capacity.max_rank),
         "--tokens-per-tick",
         str(spec.capacity.tokens_per_tick),
+        "--replicas",
+        str(spec.replicas),
+        "--devices-per-replica",
+        str(spec.devices_per_replica),
         "--attn-implementation",
         spec.attention_implementation,
         "--checkpoint-dir",
@@ -164,7 +168,7 @@ def _checkpoint_volume(runtime: LoRARuntime) -> dict[str, Any]:
 def shm_size(runtime: LoRARuntime) -> str | int:
     """The pod's /dev/shm size: spec.shmSize, else sized from the capacity (default_shm_size)."""
     spec = runtime.spec
-    return spec.shm_size if spec.shm_size is not None else default_shm_size(spec.capacity)
+    return spec.shm_size if spec.shm_size is not None else default_shm_size(spec.capacity, spec.replicas)
 
 
 def template_hash(runtime: LoRARuntime, image: str) -> str:

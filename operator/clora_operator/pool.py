@@ -633,6 +633,8 @@ async def _schedule(
                 for k, p in sorted(where.items())
                 if p == name and k in by_key and by_key[k].parsed
             ),
+            replicas=runtime.spec.replicas,
+            replica_of={k: s.replica for k, s in (view.answer or {}).items() if s.replica is not None},
         )
         for name, view in sorted(pool.pods.items())
         if _healthy(view)
@@ -754,7 +756,6 @@ async def _show_suspended(state: OperatorState, pool: Pool, records: list[Experi
 async def _write_runtime_status(
     state: OperatorState, pool: Pool, runtime: LoRARuntime, records: list[ExperimentRecord]
 ) -> None:
-    cap = runtime.spec.capacity
     where = placements(pool, records)
     pods = []
     for name, view in sorted(pool.pods.items()):
@@ -765,12 +766,16 @@ async def _write_runtime_status(
                 "node": view.info.node,
                 "ready": _healthy(view),
                 "experiments": on_pod,
-                "slotsFree": max(0, cap.max_adapters - len(on_pod)),
+                "slotsFree": max(0, runtime.spec.slots_per_pod() - len(on_pod)),
             }
         )
     current = pool.status or (runtime.status.model_dump(mode="json", by_alias=True) if runtime.status else {})
     desired = runtime_status(
-        current, pods, max_adapters=cap.max_adapters, generation=runtime.metadata.generation, now=_now()
+        current,
+        pods,
+        slots_per_pod=runtime.spec.slots_per_pod(),
+        generation=runtime.metadata.generation,
+        now=_now(),
     )
     patch = status_patch(current, desired)
     if patch is not None and await state.kube.patch_runtime_status(pool.namespace, pool.name, patch):

@@ -3,22 +3,27 @@
 No I/O and no clocks here: the same snapshot always gives the same decisions, so the operator can
 recompute them every pass and tests can state them as tables.
 
-Rules (issue 5):
-- an experiment needs one adapter slot, rank <= the pod's maxRank, and its per-tick token budget
-  (promptsPerStep x groupSize x maxNewTokens) out of the pod's tokensPerTick;
+Rules (issue 5; per replica since issue 15, the fits/load rule shared with the pods in clora.placement):
+- an experiment needs one adapter slot, rank <= maxRank, and its per-tick token budget
+  (promptsPerStep x groupSize x maxNewTokens) out of tokensPerTick, all on one replica of a pod
+  (capacity is per replica; a pod of R replicas has R x maxAdapters slots);
 - waiting experiments are taken highest priority first, then oldest first (FIFO), then by key;
-- among pods that fit: policy "spread" takes the least loaded pod (an idle accelerator is the most
-  expensive waste: each pod's tick costs about the same whether it trains one adapter or eight),
-  policy "pack" the most loaded pod that still fits (best fit, to leave whole pods free);
+- among pods that fit: policy "spread" takes the least loaded pod, over all its replicas (an idle
+  accelerator is the most expensive waste: a tick costs about the same for one adapter or eight),
+  policy "pack" the most loaded pod that still fits (best fit, to leave whole pods free); within the
+  pod, the replica is the pod's own choice (the least loaded that fits), which the pass predicts;
 - when nothing fits, an experiment may preempt one strictly lower-priority running experiment on a
-  pod where removing it makes room: the lowest priority first, then the youngest (least work to
+  replica where removing it makes room: the lowest priority first, then the youngest (least work to
   redo), then by pod and key. The victim is checkpointed and queued again by the caller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from clora.placement import EngineCapacity, Occupancy, choose_replica, pod_load
 
 
 class Policy(StrEnum):
@@ -46,14 +51,21 @@ class Need:
 
 @dataclass(frozen=True, slots=True)
 class PodSnapshot:
-    """One ready runtime pod: its capacity and the experiments on it now."""
+    """One ready runtime pod: its capacity (per replica) and the experiments on it now."""
 
     name: str
     max_adapters: int
+    """Adapter slots of each replica."""
     max_rank: int
     tokens_per_tick: int
+    """Sampling budget of each replica."""
     running: tuple[Need, ...] = ()
     node: str = ""
+    replicas: int = 1
+    """Engines in the pod (spec.replicas), each with the capacity above."""
+    replica_of: Mapping[str, int] = field(default_factory=dict)
+    """key -> the replica the pod reports it on; a running experiment it has not reported yet is
+    counted where the pod's own rule (clora.placement.choose_replica) puts it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,41 +107,51 @@ Decision = Place | Preempt | Queue
 
 @dataclass(slots=True)
 class _PodState:
-    """A pod's remaining room while one scheduling pass goes on."""
+    """A pod's remaining room, replica by replica, while one scheduling pass goes on."""
 
     snap: PodSnapshot
-    running: list[Need] = field(default_factory=list)
-    used_tokens: int = 0
+    replicas: list[Occupancy]
+    running: dict[str, tuple[Need, int]] = field(default_factory=dict)
+    """key -> (what it takes, its replica)."""
+
+    @classmethod
+    def of(cls, snap: PodSnapshot) -> _PodState:
+        cap = EngineCapacity(snap.max_adapters, snap.max_rank, snap.tokens_per_tick)
+        pod = cls(snap=snap, replicas=[Occupancy(cap) for _ in range(max(1, snap.replicas))])
+        known = [n for n in snap.running if 0 <= snap.replica_of.get(n.key, -1) < len(pod.replicas)]
+        for need in known:
+            pod._put(need, snap.replica_of[need.key])
+        for need in snap.running:
+            if need.key not in pod.running:
+                pod.add(need)
+        return pod
 
     @property
     def free_slots(self) -> int:
-        return self.snap.max_adapters - len(self.running)
-
-    @property
-    def free_tokens(self) -> int:
-        return self.snap.tokens_per_tick - self.used_tokens
+        return sum(r.free_slots for r in self.replicas)
 
     def fits(self, need: Need) -> bool:
-        return self.free_slots >= 1 and need.rank <= self.snap.max_rank and need.tokens <= self.free_tokens
+        """It fits one replica (replicas never share an experiment)."""
+        return any(r.fits(need.rank, need.tokens) for r in self.replicas)
 
     def load(self) -> tuple[float, float]:
-        # Token share first: it is what a tick's duration grows with; slots break ties.
-        return (
-            self.used_tokens / self.snap.tokens_per_tick,
-            len(self.running) / self.snap.max_adapters,
-        )
+        return pod_load(self.replicas)
 
     def add(self, need: Need) -> None:
-        self.running.append(need)
-        self.used_tokens += need.tokens
+        """On the replica the pod itself will choose (an over-full one only for what already runs)."""
+        chosen = choose_replica(self.replicas, need.rank, need.tokens)
+        if chosen is None:
+            chosen = min(range(len(self.replicas)), key=lambda i: (self.replicas[i].load(), i))
+        self._put(need, chosen)
+
+    def _put(self, need: Need, replica: int) -> None:
+        self.running[need.key] = (need, replica)
+        self.replicas[replica].add(need.tokens)
 
     def remove(self, key: str) -> Need:
-        for i, need in enumerate(self.running):
-            if need.key == key:
-                del self.running[i]
-                self.used_tokens -= need.tokens
-                return need
-        raise KeyError(key)
+        need, replica = self.running.pop(key)
+        self.replicas[replica].remove(need.tokens)
+        return need
 
 
 def admission_order(needs: tuple[Need, ...] | list[Need]) -> list[Need]:
@@ -139,10 +161,7 @@ def admission_order(needs: tuple[Need, ...] | list[Need]) -> list[Need]:
 
 def schedule(snapshot: Snapshot) -> list[Decision]:
     """Decide where each waiting experiment goes, whom it preempts, or why it waits."""
-    pods = [_PodState(snap=p) for p in sorted(snapshot.pods, key=lambda p: p.name)]
-    for pod in pods:
-        for need in pod.snap.running:
-            pod.add(need)
+    pods = [_PodState.of(p) for p in sorted(snapshot.pods, key=lambda p: p.name)]
     decisions: list[Decision] = []
     for need in admission_order(snapshot.waiting):
         fitting = [p for p in pods if p.fits(need)]
@@ -173,17 +192,17 @@ def _pick(fitting: list[_PodState], policy: Policy) -> _PodState:
 
 
 def _preemption(pods: list[_PodState], need: Need) -> tuple[_PodState, str] | None:
-    """The single running experiment whose removal makes room, cheapest first; None if there is none."""
+    """The single running experiment whose removal makes room on its replica, cheapest first; None if
+    there is none."""
     best: tuple[tuple[int, float, str, str], _PodState, str] | None = None
     for pod in pods:
         if need.rank > pod.snap.max_rank or need.tokens > pod.snap.tokens_per_tick:
             continue
-        for running in pod.running:
+        for running, replica in pod.running.values():
             if running.priority >= need.priority:
                 continue
-            room_slots = pod.free_slots + 1
-            room_tokens = pod.free_tokens + running.tokens
-            if room_slots < 1 or need.tokens > room_tokens:
+            room = pod.replicas[replica]
+            if room.free_slots + 1 < 1 or need.tokens > room.free_tokens + running.tokens:
                 continue
             # Lowest priority, then youngest (largest created: least work lost), then pod, key.
             cost = (running.priority, -running.created, pod.snap.name, running.key)
@@ -203,4 +222,5 @@ def _why_not(pods: list[_PodState], need: Need) -> str:
         return f"needs {need.tokens} tokens per tick, more than any pod's tokensPerTick"
     if all(p.free_slots < 1 for p in pods):
         return f"all {len(pods)} runtime pods are full (no free adapter slot)"
-    return f"no pod has {need.tokens} tokens per tick and a slot free"
+    where = " on one replica" if any(p.snap.replicas > 1 for p in pods) else ""
+    return f"no pod has {need.tokens} tokens per tick and a slot free{where}"

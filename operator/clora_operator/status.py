@@ -328,11 +328,12 @@ def runtime_status(
     current: Mapping[str, Any] | None,
     pods: list[dict[str, Any]],
     *,
-    max_adapters: int,
+    slots_per_pod: int,
     generation: int | None,
     now: datetime,
 ) -> Status:
-    """A LoRARuntime's status from its pods, each {name, node, ready, experiments, slotsFree}."""
+    """A LoRARuntime's status from its pods, each {name, node, ready, experiments, slotsFree}.
+    `slots_per_pod` is replicas x maxAdapters."""
     ready = [p for p in pods if p["ready"]]
     used = sum(len(p["experiments"]) for p in ready)
     conds = list((current or {}).get("conditions") or [])
@@ -352,7 +353,7 @@ def runtime_status(
         conds = set_condition(conds, COND_DEGRADED, "False", "AllPodsReady", "", **kw)
     return {
         "readyPods": len(ready),
-        "totalSlots": len(ready) * max_adapters,
+        "totalSlots": len(ready) * slots_per_pod,
         "usedSlots": used,
         "pods": sorted(pods, key=lambda p: p["name"]),
         "conditions": conds,

@@ -162,7 +162,7 @@ class Experiment:
         window = self.rewards[-REWARD_WINDOW:]
         return Reward(mean=self.rewards[-1], best=max(self.rewards), window=sum(window) / len(window))
 
-    def to_state(self) -> ExperimentState:
+    def to_state(self, replica: int) -> ExperimentState:
         return ExperimentState(
             namespace=self.namespace,
             name=self.name,
@@ -175,6 +175,7 @@ class Experiment:
             message=self.message,
             stats=self.stats,
             spec_digest=spec_digest(self.spec),
+            replica=replica,
         )
 
 
@@ -224,9 +225,12 @@ class Scored:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, metrics: RuntimeMetrics | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, metrics: RuntimeMetrics | None = None, *, replica: int = 0
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self.replica = replica  # which of its pod's replicas this engine is (GET answers say)
         self.ready = False
         self.base = None  # LoadedModel once loaded
         self.bank: AdapterBank | None = None
@@ -310,13 +314,13 @@ class Engine:
             else:
                 self._admit(exp, resume_from)
             self._update_slot_metrics()
-            return exp.to_state()
+            return exp.to_state(self.replica)
 
     def _update(self, exp: Experiment, spec: LoRAExperimentSpec) -> ExperimentState:
         """A PUT of an experiment the engine has (holds _lock)."""
         key = exp.key
         if exp.spec == spec:
-            return exp.to_state()
+            return exp.to_state(self.replica)
         if exp.removing:
             raise ExperimentConflict(f"{key}: being removed; PUT again once DELETE has answered 200")
         if exp.spec.lora != spec.lora:
@@ -332,7 +336,7 @@ class Engine:
         if resumes:
             self._admit(exp, exp.last_checkpoint.path if exp.last_checkpoint else exp.resume_from)
             self._update_slot_metrics()
-        return exp.to_state()
+        return exp.to_state(self.replica)
 
     def _validate_new(self, key: str, spec: LoRAExperimentSpec) -> None:
         if spec.lora.rank > self.config.max_rank:
@@ -403,9 +407,15 @@ class Engine:
             exp.queue.extend(samples)
             return len(exp.queue) - exp.queue_consumed
 
+    def occupancy(self) -> list[tuple[str, int]]:
+        """(key, per-tick sampling tokens) of every experiment holding a slot: what a pod of several
+        replicas weighs with clora.placement to place a new experiment."""
+        with self._lock:
+            return [(e.key, e.spec.tokens_per_tick()) for e in self._experiments.values() if e.holds_slot]
+
     def states(self) -> list[ExperimentState]:
         with self._lock:
-            return [e.to_state() for e in self._experiments.values()]
+            return [e.to_state(self.replica) for e in self._experiments.values()]
 
     def removed(self) -> list[RemovedExperiment]:
         """Recently removed experiments with their final checkpoints, oldest first."""
@@ -414,7 +424,7 @@ class Engine:
 
     def state(self, namespace: str, name: str) -> ExperimentState:
         with self._lock:
-            return self._get(f"{namespace}/{name}").to_state()
+            return self._get(f"{namespace}/{name}").to_state(self.replica)
 
     def rollouts(self, namespace: str, name: str, step: int | None = None) -> RolloutList:
         """The rollouts of one kept step (the newest when step is None) and the steps kept."""
@@ -560,7 +570,12 @@ class Engine:
             candidates = [
                 (e, e.spec)
                 for e in self._experiments.values()
-                if e.phase == "Running" and e.in_bank and not e.removing and not e.spec.suspend
+                if e.phase == "Running"
+                and e.in_bank
+                and not e.removing
+                and not e.spec.suspend
+                # Done, though not settled yet: admitted (or given fewer steps) since _between_ticks.
+                and (e.spec.training.steps is None or e.step < e.spec.training.steps)
             ]
             candidates.sort(key=lambda c: (c[0].last_tick, c[0].key))
         plans: list[StepPlan] = []

@@ -9,8 +9,6 @@ on its thread pool, so a slow call (a checkpoint write) never stalls the event l
 from __future__ import annotations
 
 import logging
-import math
-import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
@@ -18,7 +16,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from clora.api.experiment_types import LoRAExperimentSpec
@@ -34,10 +32,9 @@ from clora.api.runtime_api import (
     RolloutList,
     Sample,
 )
-from clora.metrics import RuntimeMetrics
 from clora_runtime.server.auth import bearer_matches
 from clora_runtime.server.errors import describe
-from clora_runtime.server.loop import LoopState, TickLoop
+from clora_runtime.server.loop import LoopState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,9 +49,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class EngineAPI(Protocol):
-    """The thread-safe part of the engine the routes call (clora_runtime.engine.Engine)."""
+    """The thread-safe part of the engine the routes call: clora_runtime.engine.Engine, or a pod's
+    replicas together (clora_runtime.replicas.ReplicaSet)."""
 
-    free_slots: int
     config: Any  # EngineConfig: tokens_per_tick is read
 
     def upsert(
@@ -66,6 +63,17 @@ class EngineAPI(Protocol):
     def removed(self) -> list[RemovedExperiment]: ...
     def rollouts(self, namespace: str, name: str, step: int | None = None) -> RolloutList: ...
     def state(self, namespace: str, name: str) -> ExperimentState: ...
+
+
+class LoopView(Protocol):
+    """What the routes read of the tick loop(s): server.loop.TickLoop, or ReplicaSet for several."""
+
+    state: LoopState
+    error: str | None
+    loaded: bool
+    ready: bool  # /readyz: RUNNING, and for several replicas every one of them up
+
+    def wake(self) -> None: ...
 
 
 class Health(BaseModel):
@@ -123,17 +131,20 @@ class BearerAuth:
 
 def create_app(
     engine: EngineAPI,
-    loop: TickLoop,
-    metrics: RuntimeMetrics,
+    loop: LoopView,
+    exposition: Callable[[], bytes],
     *,
     token: str | None,
     conflict: type[Exception],
     not_found: type[Exception],
+    unavailable: type[Exception] | None = None,
 ) -> FastAPI:
     """The FastAPI app of one runtime. `token=None` serves without auth (local use only).
+    `exposition` answers /metrics (RuntimeMetrics.exposition, or the replicas' merged).
 
     `conflict`/`not_found` are the engine's ExperimentConflict/ExperimentNotFound, passed in so this
-    module does not import the engine (and torch) and can be tested on its own.
+    module does not import the engine (and torch) and can be tested on its own; `unavailable` (503) is
+    raised for an experiment whose replica is restarting.
     """
     app = FastAPI(
         title="clora runtime",
@@ -147,9 +158,6 @@ def create_app(
     # Documents the scheme in /openapi.json; the middleware above enforces it.
     bearer = [Depends(HTTPBearer(auto_error=False))] if token is not None else []
     auth = (401,) if token is not None else ()
-    # Series updates and their removal on DELETE must not interleave, or a scrape could bring a
-    # deleted experiment's series back. (The engine keeps the slot gauges and tick metrics current.)
-    series_lock = threading.Lock()
 
     def require(*, running: bool) -> None:
         if not loop.loaded:
@@ -175,8 +183,11 @@ def create_app(
         return _error(404, str(exc.args[0]) if exc.args else "experiment not found")
 
     @app.exception_handler(_NotReady)
-    async def _not_ready(_: Request, exc: _NotReady) -> JSONResponse:
+    async def _not_ready(_: Request, exc: Exception) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "5"})
+
+    if unavailable is not None:
+        app.add_exception_handler(unavailable, _not_ready)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
@@ -194,7 +205,7 @@ def create_app(
     def readyz() -> Response:
         """Readiness: the base model is loaded and the tick loop is running."""
         body = Health(status=loop.state.value, detail=loop.error or "")
-        return JSONResponse(body.model_dump(), 200 if loop.state == LoopState.RUNNING else 503)
+        return JSONResponse(body.model_dump(), 200 if loop.ready else 503)
 
     @app.get(
         "/metrics",
@@ -206,14 +217,7 @@ def create_app(
     )
     def prometheus_metrics() -> Response:
         """Every clora_ runtime metric (clora/metrics.py) in the Prometheus text format."""
-        if loop.loaded:
-            with series_lock:
-                # Also covers an experiment resumed from a checkpoint that has not stepped here yet.
-                for s in engine.states():
-                    metrics.experiment_step.labels(s.namespace, s.name).set(s.step)
-                    if s.reward.mean is not None and math.isfinite(s.reward.mean):
-                        metrics.experiment_reward.labels(s.namespace, s.name).set(s.reward.mean)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/experiments", tags=["experiments"], dependencies=bearer, responses=_doc(*auth, 503))
     def list_experiments() -> ExperimentList:
@@ -275,10 +279,7 @@ def create_app(
         running tick holds it, marks it Removing and answers 202 at once. Never waits for a tick; a
         DELETE of an experiment removed recently answers 200 with its final checkpoint again."""
         require(running=False)
-        answer = engine.remove(namespace, name)
-        if answer.removed:
-            with series_lock:
-                metrics.forget_experiment(namespace, name)
+        answer = engine.remove(namespace, name)  # the engine drops the experiment's series
         loop.wake()
         return JSONResponse(answer.model_dump(mode="json", by_alias=True), 200 if answer.removed else 202)
 

@@ -63,6 +63,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f" {TOKEN_FILE_ENV} is required and the server refuses to start without one)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    pod = parser.add_argument_group("replicas (LoRARuntime spec.replicas)")
+    pod.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engines in this process's pod, each with the engine settings below (its own slots): 1 runs"
+        " the engine in-process; more run one Ray actor each, one GPU each when the pod has GPUs"
+        " (default 1)",
+    )
+    pod.add_argument(
+        "--devices-per-replica",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs per replica; only 1 until tensor parallel is built (docs/multi-gpu.md)",
+    )
+    pod.add_argument(
+        "--ray-gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs the pod's Ray instance manages (default: those it detects; on a CPU, N fake GPUs give"
+        " each replica a device id of its own, as tests do)",
+    )
     engine = parser.add_argument_group("engine (EngineConfig)")
     for name, field in _engine_fields().items():
         default = field.get_default(call_default_factory=True)
@@ -109,35 +134,73 @@ def main(args: argparse.Namespace) -> int:
             print(f"clora runtime: {e}", file=sys.stderr)
             return 2
     config = _engine_config(args)
-    return Runtime(config, token=token, host=args.host, port=args.port, log_level=args.log_level).run(
-        args.grace_period
+    if args.replicas < 1:
+        raise SystemExit("clora runtime: --replicas: must be at least 1")
+    if args.devices_per_replica != 1:
+        from clora.api.runtime_types import TENSOR_PARALLEL_NOT_BUILT
+
+        raise SystemExit(f"clora runtime: --devices-per-replica: {TENSOR_PARALLEL_NOT_BUILT}")
+    runtime = Runtime(
+        config,
+        token=token,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        replicas=args.replicas,
+        ray_gpus=args.ray_gpus,
     )
+    return runtime.run(args.grace_period)
 
 
 class Runtime:
-    """The engine, its tick loop and the HTTP server of one process, and their orderly shutdown."""
+    """The engine (or the pod's replicas), its tick loop(s) and the HTTP server of one process, and
+    their orderly shutdown."""
 
     def __init__(
-        self, config: Any, *, token: str | None, host: str, port: int, log_level: str = "info"
+        self,
+        config: Any,
+        *,
+        token: str | None,
+        host: str,
+        port: int,
+        log_level: str = "info",
+        replicas: int = 1,
+        ray_gpus: int | None = None,
     ) -> None:
         import uvicorn
 
-        from clora.metrics import RuntimeMetrics
-        from clora_runtime.engine import Engine, ExperimentConflict, ExperimentNotFound
         from clora_runtime.server.app import create_app
-        from clora_runtime.server.loop import TickLoop
 
-        self.metrics = RuntimeMetrics.create()
-        self.engine = Engine(config, self.metrics)
-        self.loop = TickLoop(self.engine)
-        app = create_app(
-            self.engine,
-            self.loop,
-            self.metrics,
-            token=token,
-            conflict=ExperimentConflict,
-            not_found=ExperimentNotFound,
-        )
+        if replicas == 1:  # in-process, as always: ray is not even imported
+            from clora.metrics import RuntimeMetrics
+            from clora_runtime.engine import Engine, ExperimentConflict, ExperimentNotFound
+            from clora_runtime.server.loop import TickLoop
+
+            metrics = RuntimeMetrics.create()
+            self.engine: Any = Engine(config, metrics)
+            self.loop: Any = TickLoop(self.engine)
+            app = create_app(
+                self.engine,
+                self.loop,
+                lambda: metrics.exposition(self.engine.states if self.loop.loaded else None),
+                token=token,
+                conflict=ExperimentConflict,
+                not_found=ExperimentNotFound,
+            )
+        else:
+            from clora_runtime.replicas import replica_set
+
+            self.engine = replica_set.ReplicaSet(config, replicas, gpus=ray_gpus, log_level=log_level)
+            self.loop = self.engine.loop
+            app = create_app(
+                self.engine,
+                self.loop,
+                self.engine.exposition,
+                token=token,
+                conflict=replica_set.ExperimentConflict,
+                not_found=replica_set.ExperimentNotFound,
+                unavailable=replica_set.ReplicaUnavailable,
+            )
         self.server = uvicorn.Server(
             uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
         )
@@ -153,12 +216,12 @@ class Runtime:
         self._signalled.set()
 
     def run(self, grace_period: float) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         # uvicorn installs no signal handlers off the main thread: shutdown stays ours.
         server_thread = threading.Thread(target=self.server.run, name="clora-http", daemon=True)
         server_thread.start()
-        self.loop.start()
+        self.loop.start()  # several replicas: ray.init, which sets a SIGTERM handler of its own
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         while not self._signalled.wait(0.5):
             if not server_thread.is_alive():
                 log.error(
@@ -195,9 +258,13 @@ class Runtime:
             log.info("every experiment checkpointed")
         self.server.should_exit = True
         server_thread.join(max(0.5, deadline - time.monotonic()))
-        close = getattr(self.engine.sampler, "close", None)
-        if finished and callable(close):
-            close()
+        if finished:
+            # The sampler's engine (vLLM), or the replicas and their Ray instance.
+            close = getattr(getattr(self.engine, "sampler", None), "close", None) or getattr(
+                self.engine, "close", None
+            )
+            if callable(close):
+                close()
         return 0 if finished and not errors else 1
 
 
