@@ -6,7 +6,7 @@
 # timed arm of the throughput run (vsTrl; about 30 minutes more on two cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "runtime,bench"
+bash scripts/setup.sh "runtime,bench,ray"
 # shellcheck disable=SC1091
 . "${CLORA_VENV:-.venv}/bin/activate"
 out=${1:-docs/benchmarks}
@@ -21,6 +21,8 @@ commands=(
   "clora bench scaling --max-experiments 16 --steps 3 --model $scaling_model --from examples/local --json $out/scaling-$tag-$scaling_model.json --plot $out/scaling-$tag-$scaling_model.png"
   "clora bench join --model $model --from examples/local --json $out/join-$tag-$model.json"
   "clora bench ops --model tiny --json $out/ops-$tag-tiny.json"
+  "clora bench replicas --model tiny --threads 2 --json $out/replicas-$tag-tiny.json --plot $out/replicas-$tag-tiny.png"
+  "clora bench replicas --model tiny --threads 1 --kills 0 --json $out/replicas-$tag-tiny-1-thread.json"
 )
 for c in "${commands[@]}"; do
   echo "+ $c" >&2

@@ -176,3 +176,16 @@ def test_devices_per_replica_above_one_is_refused(tmp_path: Path) -> None:
         [*cmd, "--checkpoint-dir", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode != 0 and "tensor parallel" in done.stderr and "docs/multi-gpu.md" in done.stderr
+
+
+def test_bench_replicas_measures_both_pods_and_a_recovery() -> None:
+    """The benchmark's plumbing on a short run (its figures come from scripts/bench.sh, not from here)."""
+    from clora_runtime.bench.replicas import replicas_bench
+
+    r = replicas_bench(experiments=2, threads=1, windows=2, window_s=1.0, kills=1)
+    one, two = r["arms"]["1 replica"], r["arms"]["2 replicas"]
+    assert one["rayInitSeconds"] is None and two["rayInitSeconds"] > 0
+    assert one["stepsPerSecond"] > 0 and two["stepsPerSecond"] > 0 and r["twoOverOne"] > 0
+    assert one["memoryMB"]["engines"] == 0 and two["memoryMB"]["engines"] > 0  # two engine processes
+    recovery = two["recovery"]
+    assert 0 < recovery["killToReadySeconds"] <= recovery["killToSteppingSeconds"]

@@ -1,4 +1,4 @@
-"""`clora bench throughput | rewards | scaling | join | ops | vllm-seeds`."""
+"""`clora bench throughput | rewards | scaling | join | ops | vllm-seeds | replicas`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--sync-every", type=int, default=None, help="sampler decode steps between host syncs")
     o.add_argument("--json", type=Path, default=None, help="write the full result here")
 
+    r = sub.add_parser(
+        "replicas", help="a pod of 2 replicas (Ray) vs 1: start-up, memory, throughput, kill -9"
+    )
+    r.add_argument("--model", default="tiny", help="base model: tiny | smollm2 | HF id | path")
+    r.add_argument("--device", default="cpu", help="cpu | cuda (cuda: one GPU per replica)")
+    r.add_argument("--experiments", type=int, default=8, help="experiments on each pod")
+    r.add_argument("--threads", type=int, default=2, help="torch threads per replica")
+    r.add_argument("--windows", type=int, default=5, help="throughput windows (mean ± standard error)")
+    r.add_argument("--window-seconds", type=float, default=20.0, help="length of each window")
+    r.add_argument("--kills", type=int, default=3, help="kill -9 of a replica, timed, repeated")
+    r.add_argument("--json", type=Path, default=None, help="write the full result here")
+    r.add_argument("--plot", type=Path, default=None, help="PNG of throughput and memory")
+
     v = sub.add_parser("vllm-seeds", help="what per-row seeds cost vLLM's sampler (needs vLLM)")
     v.add_argument("--model", default="smollm2", help="base model: smollm2 | tiny | HF id | path")
     v.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -134,6 +147,36 @@ def main(args: argparse.Namespace) -> int:
         _write(result, args.json, console)
         if args.json is None:
             print(json.dumps(result, default=str))
+        return 0
+    if args.bench == "replicas":
+        from clora_runtime.bench import replicas
+
+        result = replicas.replicas_bench(
+            args.model,
+            args.experiments,
+            args.threads,
+            args.device,
+            args.windows,
+            args.window_seconds,
+            args.kills,
+            console,
+        )
+        console.print(replicas.table(result))
+        rec = result["arms"]["2 replicas"].get("recovery")
+        console.print(
+            f"2 replicas / 1: [bold]{result['twoOverOne']:.2f}x[/] ± {result['twoOverOneSe']:.2f} steps/s;"
+            f" ray.init {result['rayStartupSeconds']:.1f} s; pod memory beyond 2 one-replica pods"
+            f" {result['podMemoryOverheadMB']:.0f} MB"
+            + (
+                f"; kill -9 -> ready {rec['killToReadySeconds']:.1f} ± {rec['killToReadySecondsSe']:.1f} s,"
+                f" -> stepping {rec['killToSteppingSeconds']:.1f} ± {rec['killToSteppingSecondsSe']:.1f} s"
+                if rec
+                else ""
+            )
+        )
+        if args.plot:
+            replicas.plot(result, args.plot)
+        _write(result, args.json, console)
         return 0
     if args.bench == "vllm-seeds":
         from clora_runtime.bench.vllm_seeds import vllm_seeds
