@@ -254,6 +254,49 @@ def ops_section(name: str, r: dict[str, Any], before: dict[str, Any] | None = No
     return [*lines, ""]
 
 
+def replicas_section(name: str, r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### Replicas: a pod of 2 (Ray actors) vs 1 (`{c['model']}`, {c['experiments']} experiments,"
+        f" {c['threadsPerReplica']} threads per replica, {name})",
+        *_command(r),
+        f"Machine: {_machine(r['machine'])}. Real `clora runtime` processes; throughput over"
+        f" {c['windows']} windows of {c['windowSeconds']:g} s after a warm-up (mean ± standard error);"
+        " memory is the proportional set size of every process of the pod.",
+        "",
+        "| pod | spawn to ready s | ray.init s | experiment steps/s | PSS engines MB"
+        " | PSS pod process + Ray MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm, a in r["arms"].items():
+        m = a["memoryMB"]
+        lines.append(
+            f"| {arm} | {a['readySeconds']:.1f} | {_f(a['rayInitSeconds'], '.1f')}"
+            f" | {a['stepsPerSecond']:.2f} ± {a['stepsPerSecondSe']:.2f}"
+            f" | {m['engines']:.0f} | {m['rest']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- 2 replicas / 1: **{r['twoOverOne']:.2f}x ± {r['twoOverOneSe']:.2f}** steps/s. Both pods share"
+        f" this machine's {r['machine'].get('cpuCount')} cores, so a second replica cannot add compute"
+        " here: below 1 is the cost of two engine processes on the same cores, above 1 what one engine"
+        " left idle.",
+        f"- Ray start-up: ray.init {_f(r['rayStartupSeconds'], '.1f')} s; spawn to ready"
+        f" {r['extraReadySeconds']:+.1f} s against one replica.",
+        f"- Memory beyond two one-replica pods: {r['podMemoryOverheadMB']:.0f} MB (the pod's own process"
+        " and Ray's daemons).",
+    ]
+    rec = r["arms"].get("2 replicas", {}).get("recovery")
+    if rec:
+        lines.append(
+            f"- kill -9 of one replica's process, {rec['kills']} times: to `/readyz` 200 again (restarted,"
+            f" model loaded, its experiments re-admitted from their newest checkpoints)"
+            f" **{rec['killToReadySeconds']:.1f} ± {rec['killToReadySecondsSe']:.1f} s**; to each of them"
+            f" stepping again {rec['killToSteppingSeconds']:.1f} ± {rec['killToSteppingSecondsSe']:.1f} s."
+        )
+    return [*lines, ""]
+
+
 def render(results: Path, output: Path) -> str:
     out = [
         "# Benchmarks",
@@ -263,7 +306,7 @@ def render(results: Path, output: Path) -> str:
         "the limit that bounds it.",
         "",
     ]
-    order = ("throughput", "rewards", "scaling", "join", "revisions", "ops", "vllm-seeds")
+    order = ("throughput", "rewards", "scaling", "join", "revisions", "ops", "replicas", "vllm-seeds")
     paths = [p for p in results.glob("*.json") if p.stem.startswith(order)]
     for path in sorted(
         paths, key=lambda p: (next(i for i, o in enumerate(order) if p.stem.startswith(o)), p.stem)
@@ -287,6 +330,8 @@ def render(results: Path, output: Path) -> str:
             out += ops_section(name, r, json.loads(earlier.read_text()) if earlier.exists() else None)
         elif name.startswith("vllm-seeds"):
             out += vllm_seeds_section(name, r)
+        elif name.startswith("replicas"):
+            out += replicas_section(name, r)
         png = path.with_suffix(".png")
         if png.exists():
             out += [f"![{name}]({os.path.relpath(png, output.parent)})", ""]

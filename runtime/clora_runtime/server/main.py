@@ -5,6 +5,9 @@ on another, and the main thread waits for SIGTERM/SIGINT. On a signal it stops t
 current tick, checkpoints every experiment, then stops the server and exits 0, all within the grace
 period (exit 1 if the checkpoints could not finish in time). The API keeps answering meanwhile, with
 /readyz at 503, so the operator sees the pod leave before it is gone.
+
+With --replicas N > 1 the engines run as Ray actors (clora_runtime.replicas) and the same shutdown
+stops every replica's ticks, then checkpoints all replicas at once.
 """
 
 from __future__ import annotations
