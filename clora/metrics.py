@@ -163,16 +163,20 @@ class RuntimeMetrics:
                 with contextlib.suppress(KeyError):
                     gauge.remove(namespace, name)
 
+    def refresh(self, states: Callable[[], Iterable[_Progress]] | None) -> None:
+        """Step and reward of every experiment `states()` lists (the engine's, once it is loaded): also
+        covers an experiment resumed from a checkpoint that has not stepped here yet."""
+        if states is None:
+            return
+        with self._series_lock:
+            for s in states():
+                self.experiment_step.labels(s.namespace, s.name).set(s.step)
+                if s.reward.mean is not None and math.isfinite(s.reward.mean):
+                    self.experiment_reward.labels(s.namespace, s.name).set(s.reward.mean)
+
     def exposition(self, states: Callable[[], Iterable[_Progress]] | None) -> bytes:
-        """The registry in the Prometheus text format. `states` (the engine's, once loaded) refreshes
-        step and reward first: that also covers an experiment resumed from a checkpoint that has not
-        stepped here yet."""
-        if states is not None:
-            with self._series_lock:
-                for s in states():
-                    self.experiment_step.labels(s.namespace, s.name).set(s.step)
-                    if s.reward.mean is not None and math.isfinite(s.reward.mean):
-                        self.experiment_reward.labels(s.namespace, s.name).set(s.reward.mean)
+        """The registry in the Prometheus text format, refreshed first (see refresh)."""
+        self.refresh(states)
         return generate_latest(self.registry)
 
 

@@ -206,6 +206,27 @@ def test_runtime_pod_has_a_memory_backed_dev_shm_sized_from_its_capacity() -> No
     assert shm(runtime(shmSize="16Gi"))[0]["emptyDir"]["sizeLimit"] == "16Gi"
 
 
+def test_a_pod_of_replicas_gets_its_gpus_for_ray_and_shm_for_every_replica() -> None:
+    rt = runtime(
+        replicas=8, capacity={"maxAdapters": 8, "maxRank": 64}, resources={"limits": {"nvidia.com/gpu": 8}}
+    )
+    pod = pods.build_runtime_pod(rt, "n", image="i")
+    args = pod["spec"]["containers"][0]["args"]
+    parser = argparse.ArgumentParser()
+    from clora_runtime.server.main import add_arguments
+
+    add_arguments(parser)
+    parsed = parser.parse_args(args[1:])
+    assert (parsed.replicas, parsed.devices_per_replica, parsed.ray_gpus) == (8, 1, 8)
+    assert parsed.max_adapters == "8"  # per replica: 64 slots in the pod
+    assert rt.spec.slots_per_pod() == 64
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    # 1 GiB + 8 replicas x (8 + 1) adapters x rank 64 x 4 MiB + 256 MiB for Ray's object store
+    assert volume["emptyDir"]["sizeLimit"] == f"{1024 + 8 * 9 * 64 * 4 + 256}Mi"
+    one = pods.build_runtime_pod(runtime(), "n", image="i")["spec"]["containers"][0]["args"]
+    assert one[one.index("--replicas") + 1] == "1" and "--ray-gpus" not in one
+
+
 def test_runtime_settings_reach_the_runtime_engine_config() -> None:
     """The pod's args, read by the runtime's own command line, give the engine the spec's settings;
     vLLM settings left unset stay unset there (the runtime picks them for its device)."""

@@ -153,6 +153,27 @@ def test_a_killed_replica_resumes_from_checkpoints_while_the_other_keeps_ticking
         print(f"\nkill -9 of replica 1 to its experiments resumed: {back_after:.1f} s")
 
 
+def test_sigterm_checkpoints_every_replica_and_exits_0(tmp_path: Path) -> None:
+    long = {**spec(steps=10**6, maxNewTokens=4, groupSize=2)}
+    args = [*TWO_REPLICAS, "--grace-period", "60"]
+    with running_runtime_server(tmp_path / "runs", extra_args=args) as pod:
+        with pod.client() as api:
+            for name in ("a", "b", "c"):
+                put(api, name, long)
+            stepped = wait_for(
+                lambda: (e := listed(api)) and all(x["step"] >= 2 for x in e.values()) and e,
+                what="every experiment at step 2",
+            )
+            assert {e["replica"] for e in stepped.values()} == {0, 1}
+            assert all(e["lastCheckpoint"] is None for e in stepped.values())  # everySteps is 1000
+        assert pod.terminate(timeout=90) == 0
+    for name, at in stepped.items():
+        written = sorted((tmp_path / "runs" / "ns" / name).glob("step-*"))
+        assert written, f"SIGTERM wrote no checkpoint of {name} (replica {at['replica']})"
+        assert json.loads((written[-1] / "state.json").read_text())["step"] >= at["step"]
+    assert "every experiment checkpointed" in pod.log()
+
+
 def test_one_replica_never_imports_ray(tmp_path: Path) -> None:
     code = f"""
 import sys, time

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clora.api import LoRARuntime
-from clora.api.runtime_types import default_shm_size
+from clora.api.runtime_types import GPU_RESOURCE, default_shm_size
 from clora.constants import (
     ANNOTATION_POD_TEMPLATE_HASH,
     API_VERSION,
@@ -145,6 +145,11 @@ def runtime_args(runtime: LoRARuntime) -> list[str]:
         "--grace-period",
         str(GRACE_PERIOD_S - 20),
     ]
+    gpus = spec.resources.limits.get(GPU_RESOURCE)
+    if spec.replicas > 1 and gpus is not None:
+        # The pod's GPUs, as its Ray instance is to hand them out (one per replica), not left to
+        # detection inside the container.
+        args += ["--ray-gpus", str(gpus)]
     # vLLM's settings only when set: unset, the runtime picks them for its device.
     for flag, value in (
         ("--vllm-gpu-memory-utilization", spec.gpu_memory_utilization),

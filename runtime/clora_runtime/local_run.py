@@ -189,6 +189,13 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
         checkpoint_dir=output / "checkpoints",
         threads=args.threads,
     )
+    if runtime.spec.replicas > 1:
+        # A laptop has one device: the replicas' slots are run by one engine instead.
+        config = config.model_copy(update={"max_adapters": min(runtime.spec.slots_per_pod(), 256)})
+        console.print(
+            f"clora: spec.replicas {runtime.spec.replicas} runs one engine per GPU in a runtime pod; here one"
+            f" engine takes their {config.max_adapters} slots"
+        )
     t_start = time.perf_counter()
     console.print(f"clora: loading {config.model} ...")
     engine = Engine(config, RuntimeMetrics.create())

@@ -262,7 +262,8 @@ def replicas_section(name: str, r: dict[str, Any]) -> list[str]:
         *_command(r),
         f"Machine: {_machine(r['machine'])}. Real `clora runtime` processes; throughput over"
         f" {c['windows']} windows of {c['windowSeconds']:g} s after a warm-up (mean ± standard error);"
-        " memory is the proportional set size of every process of the pod.",
+        " memory is the proportional set size of every process of the pod (one replica: its engine is in"
+        " the pod's own process).",
         "",
         "| pod | spawn to ready s | ray.init s | experiment steps/s | PSS engines MB"
         " | PSS pod process + Ray MB |",

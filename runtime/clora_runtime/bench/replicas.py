@@ -283,7 +283,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     engines = [a["memoryMB"]["engines"] for a in arms.values()]
     rest = [a["memoryMB"]["rest"] for a in arms.values()]
     ax2.bar(names, engines, label="replica engines")
-    ax2.bar(names, rest, bottom=engines, label="pod process + Ray")
+    ax2.bar(names, rest, bottom=engines, label="pod process (1 replica: with its engine) + Ray")
     ax2.set_ylabel("PSS MB")
     ax2.set_title("memory of the pod")
     ax2.legend()

@@ -208,7 +208,8 @@ class ReplicaSet:
         if 0 < gpus < self.replicas:
             raise RuntimeError(f"the pod has {gpus} GPUs; {self.replicas} replicas x 1 device need more")
         per_actor = 1 if gpus else 0  # a CPU pod: replicas share the cores
-        threads = self.config.threads or max(1, (os.cpu_count() or 1) // self.replicas)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = self.config.threads or max(1, cores // self.replicas)  # the pod's cores, shared
         config = self.config.model_copy(update={"threads": threads}).model_dump(mode="json")
         actor = ray.remote(ReplicaWorker)
         self._actors = [
@@ -265,6 +266,8 @@ class ReplicaSet:
             with self._lock:
                 if key in self._placed:
                     self._placed[key].spec = spec
+                else:  # this PUT added it: the racing one failed or has not answered yet
+                    self._placed[key] = _Placed(spec, resume_from, known)
             return self._seen(state)
         replica = self._choose(key, spec)
         try:

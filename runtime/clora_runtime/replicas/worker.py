@@ -131,7 +131,7 @@ class ReplicaWorker:
 
     def collect(self) -> list[Any]:
         """This replica's metric families (prometheus_client Metric objects), step and reward fresh."""
-        self.metrics.exposition(self.engine.states if self.loop.loaded else None)
+        self.metrics.refresh(self.engine.states if self.loop.loaded else None)
         return list(self.metrics.registry.collect())
 
     def stop_ticking(self) -> None:

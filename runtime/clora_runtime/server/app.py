@@ -66,7 +66,7 @@ class EngineAPI(Protocol):
 
 
 class LoopView(Protocol):
-    """What the routes read of the tick loop(s): server.loop.TickLoop, or ReplicaSet for several."""
+    """What the routes read of the tick loop(s): server.loop.TickLoop, or replicas.ReplicaLoops."""
 
     state: LoopState
     error: str | None
