@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from operator_fixtures import (
     lora_runtime,
     running_operator,
 )
+from runtime_server import free_port
 
 from clora.constants import RUNTIME_PORT
 from clora_operator.config import OperatorConfig
@@ -33,12 +33,6 @@ from clora_operator.config import OperatorConfig
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.asyncio, pytest.mark.timeout(600)]
 
 RUNTIME = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def experiment(name: str, steps: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,10 @@ import httpx
 
 from clora.api import LoRAExperimentSpec
 from clora.constants import TOKEN_ENV
+from clora_runtime.bench.processes import free_port
 from clora_runtime.bench.throughput import machine
 
 POLL_S = 0.05  # a faster poll would steal the GIL from the tick it measures
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -46,7 +40,7 @@ def runtime_server(
     model: str, device: str, max_adapters: int, max_rank: int, threads: int | None = None
 ) -> Iterator[tuple[httpx.Client, float]]:
     """A `clora runtime` process on a free loopback port; yields (client, spawn time)."""
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     with (
         tempfile.TemporaryDirectory(prefix="clora-join-") as ckpt,
         open(Path(ckpt) / "server.log", "w+") as log,

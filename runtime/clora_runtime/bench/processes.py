@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,13 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 R = TypeVar("R", bound=BaseModel)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a `clora runtime` process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_module(

@@ -29,22 +29,15 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from clora_runtime.bench.processes import free_port
 from clora_runtime.bench.throughput import machine
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Pod:
     """One `clora runtime` process (and, with replicas, its Ray instance)."""
 
     def __init__(self, model: str, replicas: int, threads: int, device: str, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"runtime-{replicas}.log"
         args = [sys.executable, "-m", "clora.cli", "runtime", "--insecure-no-auth", "--port", str(self.port)]

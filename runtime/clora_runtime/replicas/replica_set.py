@@ -154,10 +154,6 @@ class ReplicaSet:
         self._ever_loaded = [False] * replicas
         self._stopping = False
         self._stop = threading.Event()
-        self.startup_s: float | None = None
-        """Seconds ray.init took (the Ray start-up cost of the pod)."""
-        self.recoveries: list[tuple[int, float]] = []
-        """(replica, seconds from its loss to its experiments re-admitted), one per restart."""
         self.loop = ReplicaLoops(self)
 
     # ---- what the loop view reports ---------------------------------------------------------------
@@ -168,7 +164,9 @@ class ReplicaSet:
         return all(self._ever_loaded)
 
     def loop_state(self) -> LoopState:
-        """RUNNING while any replica takes new experiments; DEAD when one's engine died for good."""
+        """RUNNING while any replica takes new experiments. DEAD when one replica's engine died (its
+        model failed to load, or its tick loop died: a fault of the base model, not of one experiment),
+        as for a pod of one replica: Kubernetes restarts the pod."""
         statuses = [s for s in self._status if s is not None]
         if any(s.state == LoopState.DEAD for s in statuses):
             return LoopState.DEAD
@@ -203,7 +201,7 @@ class ReplicaSet:
             object_store_memory=RAY_OBJECT_STORE_MIB * 2**20,
             _node_ip_address="127.0.0.1",
         )
-        self.startup_s = time.perf_counter() - started
+        startup_s = time.perf_counter() - started
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if 0 < gpus < self.replicas:
             raise RuntimeError(f"the pod has {gpus} GPUs; {self.replicas} replicas x 1 device need more")
@@ -225,7 +223,7 @@ class ReplicaSet:
         ]
         log.info(
             "Ray started in %.1f s; %d replicas, %d GPU(s) and %d CPU thread(s) each",
-            self.startup_s,
+            startup_s,
             self.replicas,
             per_actor,
             threads,
@@ -548,7 +546,6 @@ class ReplicaSet:
             self._ever_loaded[replica] = True
         if not first and lost_at is not None:
             seconds = time.monotonic() - lost_at
-            self.recoveries.append((replica, seconds))
             log.info(
                 "replica %d: %d experiment(s) resumed %.1f s after it was lost", replica, len(held), seconds
             )
