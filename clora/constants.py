@@ -63,6 +63,7 @@ REASON_INVALID = "InvalidSpec"
 REASON_UNKNOWN_RUNTIME = "UnknownRuntime"
 REASON_RANK_TOO_HIGH = "RankAboveMaxRank"
 REASON_MISSING_DATASET = "MissingDataset"
+REASON_MISSING_SECRET = "MissingSecret"  # spec.task.verifier.tokenSecret not (yet) there
 REASON_RUNTIME_LOST = "RuntimeLost"
 REASON_TOKEN_BUDGET_TOO_HIGH = "TokenBudgetAboveTokensPerTick"
 REASON_RUNTIME_REJECTED = "RuntimeRejected"

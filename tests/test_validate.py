@@ -196,6 +196,15 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str, str]] = [
      "non-empty list"),
     ("targetModules a word", edit(EXPERIMENT, "spec.lora.targetModules", "attention"),
      "spec.lora.targetModules", "'all-linear'"),
+    ("http without verifier", edit(EXPERIMENT, "spec.task.name", "http"), "spec.task.verifier",
+     "verifier is required for task http"),
+    ("verifier on gsm8k", edit(EXPERIMENT, "spec.task.verifier", {"url": "http://v:8000/score"}),
+     "spec.task.verifier", "verifier is only for task http"),
+    ("verifier url not http", edit(edit(EXPERIMENT, "spec.task.name", "http"), "spec.task.verifier",
+                                   {"url": "ftp://v/score"}), "spec.task.verifier.url", "http"),
+    ("verifier timeout 0", edit(edit(EXPERIMENT, "spec.task.name", "http"), "spec.task.verifier",
+                                {"url": "http://v/score", "timeoutSeconds": 0}),
+     "spec.task.verifier.timeoutSeconds", "greater than 0"),
     ("no metadata.name", edit(EXPERIMENT, "metadata.name", DELETE), "metadata.name", "is required"),
     ("bad metadata.name", edit(EXPERIMENT, "metadata.name", "Big_Name"), "metadata.name", "RFC 1123"),
     ("wrong apiVersion", edit(EXPERIMENT, "apiVersion", "clora.dev/v1"), "apiVersion", "clora.dev/v1alpha1"),
@@ -470,3 +479,11 @@ def test_problem_line_format() -> None:
 def test_eight_replicas_on_eight_gpus_are_valid(gpus: int | str) -> None:
     runtime = edit(edit(RUNTIME, "spec.replicas", 8), "spec.resources.limits", {"nvidia.com/gpu": gpus})
     assert [p for p in check_object(runtime) if p.severity == "error"] == []
+
+
+def test_an_http_task_with_a_verifier_and_a_token_secret_is_valid() -> None:
+    task = {
+        "name": "http",
+        "verifier": {"url": "https://verifier.example/score", "tokenSecret": {"name": "v"}},
+    }
+    assert [p for p in check_object(edit(EXPERIMENT, "spec.task", task)) if p.severity == "error"] == []

@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
 from clora.constants import API_VERSION, EXPERIMENT_KIND
 
-TaskName = Literal["gsm8k", "arithmetic"]
+TaskName = Literal["gsm8k", "arithmetic", "http"]
 RewardName = Literal["exact-match", "numeric", "format-and-exact"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
 Phase = Literal["Pending", "Queued", "Scheduled", "Running", "Suspended", "Succeeded", "Failed"]
@@ -74,6 +74,33 @@ class Dataset(SpecModel):
         return self
 
 
+class SecretKeyRef(SpecModel):
+    """A key of a Secret in the experiment's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """The Secret's name."""
+    key: str = Field("token", min_length=1, max_length=253)
+    """The key whose value is used."""
+
+
+class Verifier(SpecModel):
+    """The user's HTTP service that scores completions (task http): docs/verifier.md has the contract.
+
+    Each step's completions go in one POST {"experiment": {namespace, name, step}, "items": [{prompt,
+    completion, answer, metadata}]}; the answer is {"rewards": [float, ...]}, one per item."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    """Where the completions are POSTed (http or https)."""
+    token_secret: SecretKeyRef | None = None
+    """A Secret key whose value is sent as `Authorization: Bearer <value>`; never shown in status,
+    logs or metrics."""
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    """How long one request may take before it is retried."""
+    retries: int = Field(2, ge=0, le=10)
+    """Retries after a timeout, a connection error or a 5xx answer (with backoff: 0.5 s, 1 s, 2 s, ...);
+    after them, or on a malformed answer, the experiment fails, naming the URL and what was wrong."""
+
+
 class Task(SpecModel):
     """What the experiment learns and how completions are scored."""
 
@@ -85,16 +112,29 @@ class Task(SpecModel):
                     "message": "dataset is required for task gsm8k",
                     "fieldPath": ".dataset",
                     "reason": "FieldValueRequired",
-                }
+                },
+                {
+                    "rule": "self.name != 'http' || has(self.verifier)",
+                    "message": "verifier is required for task http",
+                    "fieldPath": ".verifier",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "self.name == 'http' || !has(self.verifier)",
+                    "message": "verifier is only for task http",
+                    "fieldPath": ".verifier",
+                },
             ]
         }
     )
 
     name: TaskName
-    """The built-in task: gsm8k (JSONL records of question and answer, the reference after ####)
-    or arithmetic (synthetic problems generated from the seed)."""
+    """The task: gsm8k (JSONL records of question and answer, the reference after ####), arithmetic
+    (synthetic problems generated from the seed), or http (prompts from the dataset's records of
+    prompt, answer and metadata, and from POST .../samples; rewards from `verifier`)."""
     dataset: Dataset | None = None
-    """The task's records; required for gsm8k."""
+    """The task's records; required for gsm8k; for http optional (without it, a continual experiment
+    trains on pushed samples only)."""
     difficulty: int = Field(1, ge=1, le=3)
     """arithmetic only: 1 one-digit sums, 2 two-digit sums and differences, 3 multi-step."""
     reward: RewardName = "exact-match"
@@ -102,11 +142,17 @@ class Task(SpecModel):
     numeric (closeness of the last number), format-and-exact (an answer in the asked format, and right)."""
     system_prompt: str = ""
     """A system message put before every prompt."""
+    verifier: Verifier | None = None
+    """task http: the HTTP service whose answer is each completion's reward (`reward` is unused)."""
 
     @model_validator(mode="after")
     def _dataset_for_gsm8k(self) -> Task:
         if self.name == "gsm8k" and self.dataset is None:
             raise ValueError("dataset is required for task gsm8k")
+        if self.name == "http" and self.verifier is None:
+            raise ValueError("verifier is required for task http")
+        if self.name != "http" and self.verifier is not None:
+            raise ValueError("verifier is only for task http")
         return self
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -28,6 +28,9 @@ class PutExperimentRequest(SpecModel):
     """The LoRAExperiment's spec."""
     resume_from: str | None = None
     """A checkpoint directory inside the pod to resume from, or null to start fresh."""
+    verifier_token: str | None = Field(None, max_length=8192, repr=False)
+    """task http: the value of spec.task.verifier.tokenSecret (the operator reads the Secret), sent to
+    the verifier as a bearer token. Write-only: never in an answer, a log line or a metric."""
 
 
 class Sample(SpecModel):
@@ -37,6 +40,8 @@ class Sample(SpecModel):
     """The user message."""
     answer: str = ""
     """The reference answer the reward compares against."""
+    metadata: dict[str, Any] | None = None
+    """task http: passed to the verifier with the completion, as it is."""
 
 
 class PushSamplesRequest(SpecModel):

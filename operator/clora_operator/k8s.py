@@ -197,16 +197,16 @@ class KubeClient:
         answer = await self._call(self._core.read_namespaced_config_map, name, namespace)
         return self._plain(answer) if answer is not None else None
 
-    async def read_token(self, namespace: str, name: str) -> str | None:
-        """The token in a runtime's Secret, or None if the Secret does not exist."""
+    async def read_token(self, namespace: str, name: str, key: str = TOKEN_SECRET_KEY) -> str | None:
+        """A key of a Secret (by default a runtime's token), or None if the Secret or key is missing."""
         answer = await self._call(self._core.read_namespaced_secret, name, namespace)
         if answer is None:
             return None
-        data = (answer.data or {}).get(TOKEN_SECRET_KEY)
+        data = (answer.data or {}).get(key)
         if data:
             return base64.b64decode(data).decode()
         # An API server turns stringData into data; an emulator may keep it as written.
-        return (answer.string_data or {}).get(TOKEN_SECRET_KEY)
+        return (answer.string_data or {}).get(key)
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         return await self._create(self._core.create_namespaced_secret, namespace, body)

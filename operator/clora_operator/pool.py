@@ -42,6 +42,7 @@ from clora.constants import (
     REASON_ADMITTED,
     REASON_CHECKPOINTED,
     REASON_MISSING_DATASET,
+    REASON_MISSING_SECRET,
     REASON_PREEMPTED,
     REASON_QUEUED,
     REASON_RESUMED,
@@ -442,6 +443,19 @@ async def _take_off(
         logger.info("%s left %s", key, pod)
 
 
+async def _verifier_token(state: OperatorState, record: ExperimentRecord) -> tuple[str, str | None]:
+    """("", value) of spec.task.verifier.tokenSecret, read when the experiment goes to a pod (the value
+    travels in the PUT only, never in a status, an Event or a log line); ("", None) without one; (what
+    is missing, None) when the Secret or its key is not there."""
+    assert record.parsed is not None
+    verifier = record.parsed.task.verifier
+    if verifier is None or verifier.token_secret is None:
+        return "", None
+    ref = verifier.token_secret
+    value = await state.kube.read_token(record.namespace, ref.name, ref.key)
+    return ("" if value is not None else f"Secret {ref.name} with key {ref.key}"), value
+
+
 async def _resend(
     state: OperatorState, pool: Pool, record: ExperimentRecord, pod: str, logger: logging.Logger
 ) -> None:
@@ -449,7 +463,10 @@ async def _resend(
     view = pool.pods.get(pod)
     if view is None or view.info.url is None or pool.token is None or record.parsed is None:
         return
-    put = state.runtime.put(view.info.url, pool.token, record.namespace, record.name, record.parsed, None)
+    _, verifier_token = await _verifier_token(state, record)  # a Secret gone since: the verifier says so
+    put = state.runtime.put(
+        view.info.url, pool.token, record.namespace, record.name, record.parsed, None, verifier_token
+    )
     try:
         answer = await _busy(pool, record.key, put)
     except RuntimeUnavailable:
@@ -699,7 +716,15 @@ async def _place(
     assert view.info.url is not None and pool.token is not None and record.parsed is not None
     status = pool.status_of(record)
     resume = (status.get("lastCheckpoint") or {}).get("path")
-    put = state.runtime.put(view.info.url, pool.token, record.namespace, record.name, record.parsed, resume)
+    missing, verifier_token = await _verifier_token(state, record)
+    if missing:
+        message = f"spec.task.verifier.tokenSecret: waiting for {missing}"
+        obs = Observed(phase="Queued", reason=REASON_MISSING_SECRET, message=message)
+        await write_status(state, pool, record, obs)
+        return
+    put = state.runtime.put(
+        view.info.url, pool.token, record.namespace, record.name, record.parsed, resume, verifier_token
+    )
     try:
         answer: ExperimentState = await _busy(pool, record.key, put)
     except RuntimeUnavailable as e:

@@ -66,10 +66,10 @@ class RuntimeClient:
         name: str,
         spec: LoRAExperimentSpec,
         resume_from: str | None,
+        verifier_token: str | None = None,
     ) -> ExperimentState:
-        body = PutExperimentRequest(spec=spec, resume_from=resume_from).model_dump(
-            mode="json", by_alias=True, exclude_none=True
-        )
+        request = PutExperimentRequest(spec=spec, resume_from=resume_from, verifier_token=verifier_token)
+        body = request.model_dump(mode="json", by_alias=True, exclude_none=True)
         rsp = await self._call("PUT", f"{base}/v1/experiments/{namespace}/{name}", token, json=body)
         if rsp.status_code == 404:
             raise RuntimeRejected(404, rsp.text[:300])

@@ -36,11 +36,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import torch
 
 from clora.api import CheckpointRef, LoRAExperimentSpec, Reward
@@ -61,7 +63,8 @@ from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
 from clora_runtime.sampling import sampler_class
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
-from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward
+from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward, verifier
+from clora_runtime.tasks.verifier import VerifierError
 from clora_runtime.training.grpo import frac_zero_std, group_advantages, sequence_weights
 from clora_runtime.training.trainer import (
     AdapterHyper,
@@ -132,6 +135,7 @@ class Experiment:
     last_checkpoint: CheckpointRef | None = None
     started_at: datetime | None = None
     resume_from: str | None = None  # where a suspended-before-start experiment will resume from
+    verifier_token: str | None = field(default=None, repr=False)  # task http's bearer token
     in_bank: bool = False
     announced: bool = False  # the sampler was told of the adapter (tick thread)
     busy: bool = False  # in the running tick's snapshot
@@ -192,6 +196,7 @@ class StepPlan:
     problems: list[Problem]
     prompts: list[list[int]]  # token ids of each problem's prompt
     queue_taken: int  # pushed samples among the problems (consumed when the step completes)
+    verifier_token: str | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -242,6 +247,7 @@ class Engine:
         self._retired: list[str] = []  # adapters removed from the bank, still known to the sampler
         self._lock = threading.RLock()  # guards the records above; never held across a tick's work
         self._tick_lock = threading.Lock()  # one tick (or a shutdown checkpoint) at a time
+        self._http = httpx.Client()  # task http's verifier calls, with keep-alive between steps
         self._ticks = 0
         # Tests: called with (phase, adapter keys) before each sampling call and training micro-batch;
         # raising there stands for a fault of those adapters' rows (e.g. torch.OutOfMemoryError).
@@ -283,14 +289,20 @@ class Engine:
     # ---- thread-safe API ----------------------------------------------------------------------------
 
     def upsert(
-        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        spec: LoRAExperimentSpec,
+        resume_from: str | None = None,
+        verifier_token: str | None = None,
     ) -> ExperimentState:
         """Add an experiment (admitted into a slot now) or update its mutable fields (applied from the
-        next tick on). Never waits for a running tick."""
+        next tick on). Never waits for a running tick. `verifier_token`: task http's bearer token."""
         key = f"{namespace}/{name}"
         with self._lock:
             current = self._experiments.get(key)
             if current is not None:
+                current.verifier_token = verifier_token  # a rotated Secret applies from the next step
                 return self._update(current, spec)
             self._validate_new(key, spec)
             if resume_from is not None:
@@ -300,7 +312,7 @@ class Engine:
                 raise ExperimentConflict(
                     f"{key}: all {self.config.max_adapters} adapter slots of this runtime are taken"
                 )
-            exp = Experiment(namespace=namespace, name=name, spec=spec)
+            exp = Experiment(namespace=namespace, name=name, spec=spec, verifier_token=verifier_token)
             exp.queue, exp.queue_consumed = self._read_queue(exp)
             self._removed.pop(key, None)
             self._experiments[key] = exp
@@ -593,7 +605,8 @@ class Engine:
                     pending = exp.queue[exp.queue_consumed : exp.queue_consumed + n]
                     exp.busy = True
                     step = exp.step
-                problems = [Problem(prompt=s.prompt, answer=s.answer) for s in pending]
+                    token = exp.verifier_token
+                problems = [Problem(s.prompt, s.answer, s.metadata) for s in pending]
                 if len(problems) < n and spec.training.steps is not None:
                     problems.extend(task.problems(step, n)[: n - len(problems)])
                 prompts = [
@@ -609,7 +622,7 @@ class Engine:
                 self._release_one(exp)  # a continual experiment with an empty queue waits
                 continue
             slot = self.bank.adapters[exp.key].slot
-            plans.append(StepPlan(exp, spec, step, slot, reward_fn, problems, prompts, len(pending)))
+            plans.append(StepPlan(exp, spec, step, slot, reward_fn, problems, prompts, len(pending), token))
             budget -= cost
         return plans
 
@@ -680,15 +693,41 @@ class Engine:
         return self.sampler.generate(requests)
 
     def _score(self, sampled: list[tuple[StepPlan, list[Completion]]], report: TickReport) -> list[Scored]:
+        """Rewards of every plan's completions. Verifier calls (task http) run concurrently, on
+        threads of their own and under no lock, so a slow one delays the tick by at most its own
+        deadline (timeoutSeconds x (retries + 1) plus backoff) and fails only its experiment."""
         tokenizer = self.base.tokenizer
+        decoded = [
+            (
+                plan,
+                completions,
+                [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
+            )
+            for plan, completions in sampled
+        ]
+        remote = {i: d for i, d in enumerate(decoded) if d[0].spec.task.verifier is not None}
+        answers: dict[int, Future[list[float]]] = {}
+        if remote:
+            with ThreadPoolExecutor(len(remote), thread_name_prefix="clora-verifier") as pool:
+                answers = {
+                    i: pool.submit(self._verify, plan, texts) for i, (plan, _, texts) in remote.items()
+                }
         scored: list[Scored] = []
-        for plan, completions in sampled:
+        for i, (plan, completions, texts) in enumerate(decoded):
             g = plan.spec.training.group_size
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
             try:
-                flat = [
-                    float(plan.reward_fn(text, plan.problems[j // g].answer)) for j, text in enumerate(texts)
-                ]
+                if i in answers:
+                    flat = answers[i].result()
+                else:
+                    flat = [
+                        float(plan.reward_fn(text, plan.problems[j // g].answer))
+                        for j, text in enumerate(texts)
+                    ]
+            except VerifierError as err:
+                log.warning("reward of %s failed: %s", plan.key, err)
+                self._fail(plan.exp, f"reward: {err}")
+                report.failed[plan.key] = plan.exp.message
+                continue
             except Exception as err:
                 log.exception("reward of %s failed", plan.key)
                 self._fail(plan.exp, f"reward {plan.spec.task.reward} failed: {type(err).__name__}: {err}")
@@ -698,6 +737,19 @@ class Engine:
             adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), plan.spec.training.loss_type)
             scored.append(Scored(plan, completions, texts, rewards, adv.flatten().tolist()))
         return scored
+
+    def _verify(self, plan: StepPlan, texts: list[str]) -> list[float]:
+        """The rewards the experiment's verifier gives this step's completions (task http)."""
+        assert plan.spec.task.verifier is not None
+        g = plan.spec.training.group_size
+        items = []
+        for j, text in enumerate(texts):
+            problem = plan.problems[j // g]
+            items.append(verifier.Item(problem.prompt, text, problem.answer, problem.metadata))
+        experiment = {"namespace": plan.exp.namespace, "name": plan.exp.name, "step": plan.step}
+        return verifier.score(
+            plan.spec.task.verifier, plan.verifier_token, experiment, items, client=self._http
+        )
 
     def _train(
         self, scored: list[Scored], report: TickReport

@@ -10,6 +10,7 @@ checkpoints and writes what it has; a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import signal
@@ -52,8 +53,12 @@ class ManifestError(Exception):
     """The folder cannot be run; the message lists every problem, one per line."""
 
 
-def load_manifests(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment]]:
-    """Parse and check the manifests with clora's validation (the same checks as `clora validate`)."""
+Secrets = dict[tuple[str, str], dict[str, str]]  # (namespace, name) -> key -> value
+
+
+def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Secrets]:
+    """The folder's LoRARuntimes, LoRAExperiments and Secrets (a verifier's token, as a cluster would
+    hold it: `data` base64-encoded or `stringData`)."""
     from clora import validation
 
     report = validation.validate([path])
@@ -62,12 +67,31 @@ def load_manifests(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment]]:
     manifests, _ = validation.load_paths([path])
     runtimes: list[LoRARuntime] = []
     experiments: list[LoRAExperiment] = []
+    secrets: Secrets = {}
     for manifest in manifests:
         if manifest.kind == "LoRARuntime":
             runtimes.append(LoRARuntime.model_validate(manifest.body))
         elif manifest.kind == "LoRAExperiment":
             experiments.append(LoRAExperiment.model_validate(manifest.body))
-    return runtimes, experiments
+        elif manifest.kind == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (manifest.body.get("data") or {}).items()}
+            secrets[(manifest.namespace, manifest.name)] = data | dict(manifest.body.get("stringData") or {})
+    return runtimes, experiments, secrets
+
+
+def verifier_token(experiment: LoRAExperiment, secrets: Secrets) -> str | None:
+    """The value of spec.task.verifier.tokenSecret from the folder's Secrets; ManifestError if absent."""
+    verifier = experiment.spec.task.verifier
+    if verifier is None or verifier.token_secret is None:
+        return None
+    ref = verifier.token_secret
+    value = secrets.get((experiment.metadata.namespace, ref.name), {}).get(ref.key)
+    if value is None:
+        raise ManifestError(
+            f"LoRAExperiment {experiment.metadata.name}: spec.task.verifier.tokenSecret: no Secret"
+            f" {ref.name} with key {ref.key} in the folder"
+        )
+    return value
 
 
 def choose(
@@ -139,9 +163,10 @@ class Stopper:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        runtimes, experiments = load_manifests(args.filename)
+        runtimes, experiments, secrets = load_folder(args.filename)
         runtime, chosen = choose(runtimes, experiments, args.runtime)
         specs = {}
+        tokens = {(e.metadata.namespace, e.metadata.name): verifier_token(e, secrets) for e in chosen}
         for exp in chosen:
             spec = exp.spec
             if args.steps is not None:
@@ -159,10 +184,16 @@ def main(args: argparse.Namespace) -> int:
     except ManifestError as err:
         print(f"clora run: {err}", file=sys.stderr)
         return 1
-    return _run(args, runtime, chosen, specs)
+    return _run(args, runtime, chosen, specs, tokens)
 
 
-def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperiment], specs: dict) -> int:
+def _run(
+    args: argparse.Namespace,
+    runtime: LoRARuntime,
+    chosen: list[LoRAExperiment],
+    specs: dict,
+    tokens: dict[tuple[str, str], str | None],
+) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -222,7 +253,7 @@ def _run(args: argparse.Namespace, runtime: LoRARuntime, chosen: list[LoRAExperi
         while waiting and engine.free_slots > 0:
             key = waiting.pop(0)
             try:
-                engine.upsert(key[0], key[1], specs[key])
+                engine.upsert(key[0], key[1], specs[key], None, tokens[key])
             except Exception as err:  # a bad experiment fails alone
                 t = tracked[key]
                 t.phase, t.message = "Failed", str(err)

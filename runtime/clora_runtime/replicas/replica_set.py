@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -72,6 +72,7 @@ class _Placed:
     spec: LoRAExperimentSpec
     resume_from: str | None
     replica: int
+    verifier_token: str | None = field(default=None, repr=False)
     removing: bool = False  # DELETE came while its replica was down
 
 
@@ -253,28 +254,34 @@ class ReplicaSet:
     # ---- EngineAPI -----------------------------------------------------------------------------
 
     def upsert(
-        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        spec: LoRAExperimentSpec,
+        resume_from: str | None = None,
+        verifier_token: str | None = None,
     ) -> ExperimentState:
         key = f"{namespace}/{name}"
         with self._lock:
             placed = self._placed.get(key)
             known = placed.replica if placed is not None else self._reserved.get(key, (None, 0))[0]
         if known is not None:  # an update (or a PUT racing the admission of the same new key)
-            state = self._value(known, "upsert", namespace, name, spec, resume_from)
+            state = self._value(known, "upsert", namespace, name, spec, resume_from, verifier_token)
             with self._lock:
                 if key in self._placed:
                     self._placed[key].spec = spec
+                    self._placed[key].verifier_token = verifier_token
                 else:  # this PUT added it: the racing one failed or has not answered yet
-                    self._placed[key] = _Placed(spec, resume_from, known)
+                    self._placed[key] = _Placed(spec, resume_from, known, verifier_token)
             return self._seen(state)
         replica = self._choose(key, spec)
         try:
-            state = self._value(replica, "upsert", namespace, name, spec, resume_from)
+            state = self._value(replica, "upsert", namespace, name, spec, resume_from, verifier_token)
         finally:
             with self._lock:
                 self._reserved.pop(key, None)
         with self._lock:
-            self._placed[key] = _Placed(spec, resume_from, replica)
+            self._placed[key] = _Placed(spec, resume_from, replica, verifier_token)
             self._removed_here.pop(key, None)
         return self._seen(state)
 
@@ -534,7 +541,7 @@ class ReplicaSet:
                 continue
             try:
                 answer: Answer = self._call(
-                    replica, "resume", namespace, name, placed.spec, placed.resume_from
+                    replica, "resume", namespace, name, placed.spec, placed.resume_from, placed.verifier_token
                 )
             except ReplicaUnavailable:
                 return  # lost again; the next poll starts over

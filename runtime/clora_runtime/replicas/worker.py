@@ -93,14 +93,18 @@ class ReplicaWorker:
             loop.state.value, loop.error, loop.loaded, loop.ticks, self.incarnation, os.getpid()
         )
 
-    def upsert(self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None) -> Answer:
-        return self._answer(lambda: self.engine.upsert(namespace, name, spec, resume_from), wake=True)
+    def upsert(
+        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None, token: str | None
+    ) -> Answer:
+        return self._answer(lambda: self.engine.upsert(namespace, name, spec, resume_from, token), wake=True)
 
-    def resume(self, namespace: str, name: str, spec: LoRAExperimentSpec, fallback: str | None) -> Answer:
+    def resume(
+        self, namespace: str, name: str, spec: LoRAExperimentSpec, fallback: str | None, token: str | None
+    ) -> Answer:
         """Re-admit an experiment this replica held before it restarted: from the newest checkpoint in
         its folder, else from `fallback` (the resumeFrom it first came with), else from the start."""
         newest = self.newest_checkpoint(namespace, name)
-        return self.upsert(namespace, name, spec, newest.path if newest else fallback)
+        return self.upsert(namespace, name, spec, newest.path if newest else fallback, token)
 
     def newest_checkpoint(self, namespace: str, name: str) -> CheckpointRef | None:
         from clora_runtime import checkpoint

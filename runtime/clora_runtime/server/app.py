@@ -55,7 +55,12 @@ class EngineAPI(Protocol):
     config: Any  # EngineConfig: tokens_per_tick is read
 
     def upsert(
-        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        spec: LoRAExperimentSpec,
+        resume_from: str | None = None,
+        verifier_token: str | None = None,
     ) -> ExperimentState: ...
     def remove(self, namespace: str, name: str) -> DeleteExperimentResponse: ...
     def push_samples(self, namespace: str, name: str, samples: list[Sample]) -> int: ...
@@ -256,7 +261,9 @@ def create_app(
                 f"{namespace}/{name}: spec.training promptsPerStep x groupSize x maxNewTokens ="
                 f" {body.spec.tokens_per_tick()} tokens per step, above this runtime's tokensPerTick {budget}"
             )
-        state = _checked(lambda: engine.upsert(namespace, name, body.spec, body.resume_from))
+        state = _checked(
+            lambda: engine.upsert(namespace, name, body.spec, body.resume_from, body.verifier_token)
+        )
         loop.wake()
         return state
 

@@ -10,6 +10,7 @@ from clora.api import Task as TaskSpec
 from clora_runtime.tasks.arithmetic import ArithmeticTask
 from clora_runtime.tasks.base import Problem, Task
 from clora_runtime.tasks.gsm8k import Gsm8kTask, parse_records
+from clora_runtime.tasks.prompts import PromptsTask, parse_prompt_records
 from clora_runtime.tasks.rewards import FORMAT_INSTRUCTION, REWARDS, RewardFn, get_reward
 
 # ConfigMap datasets are read from files the runtime pod mounts: $CLORA_CONFIGMAP_DIR/<name>/<key>.
@@ -24,18 +25,25 @@ def build_task(spec: TaskSpec, seed: int) -> Task:
     instruction = FORMAT_INSTRUCTION if spec.reward == "format-and-exact" else ""
     if spec.name == "arithmetic":
         return ArithmeticTask(spec.difficulty, seed, instruction)
-    if spec.name == "gsm8k":
-        if spec.dataset is None:
-            raise ValueError("spec.task.dataset: required for task gsm8k")
-        if spec.dataset.path is not None:
-            return Gsm8kTask.from_file(spec.dataset.path, seed, instruction)
+    if spec.name == "http" and spec.dataset is None:
+        return PromptsTask([], seed)
+    if spec.name not in ("gsm8k", "http"):
+        raise ValueError(f"spec.task.name: unknown task {spec.name!r}")
+    if spec.dataset is None:
+        raise ValueError("spec.task.dataset: required for task gsm8k")
+    if spec.dataset.path is not None:
+        path = Path(spec.dataset.path)
+        if not path.is_file():
+            raise ValueError(f"spec.task.dataset.path: {path} is not a file in this runtime")
+    else:
         assert spec.dataset.config_map is not None
         root = Path(os.environ.get(CONFIGMAP_DIR_ENV, DEFAULT_CONFIGMAP_DIR))
         path = root / spec.dataset.config_map.name / spec.dataset.config_map.key
         if not path.is_file():
             raise ValueError(f"spec.task.dataset.configMap: {path} is not mounted in this runtime")
-        return Gsm8kTask(parse_records(path.read_text(), str(path)), seed, instruction)
-    raise ValueError(f"spec.task.name: unknown task {spec.name!r}")
+    if spec.name == "http":
+        return PromptsTask(parse_prompt_records(path.read_text(), str(path)), seed)
+    return Gsm8kTask(parse_records(path.read_text(), str(path)), seed, instruction)
 
 
 def chat_prompt(tokenizer: Any, user: str, system_prompt: str = "") -> list[int]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Problem:
     prompt: str  # the user message
     answer: str  # the reference answer the reward compares against
+    metadata: dict[str, Any] | None = None  # task http: handed to the verifier as it is
 
 
 class Task(ABC):
