@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from runtime_server import free_port, running_runtime_server, wait_for
-from verifier_server import reward
+from verifier_server import reward, running_verifier, seen
 
 from clora.api.experiment_types import Verifier
 from clora_runtime.tasks.verifier import Item, VerifierError, rewards_from, score, shown
@@ -23,22 +19,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def verifier() -> Iterator[tuple[str, str]]:
     """(base URL, token) of a running tests/verifier_server.py."""
-    port, token = free_port(), secrets.token_urlsafe(16)
-    proc = subprocess.Popen([sys.executable, str(HERE / "verifier_server.py"), str(port), token])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(url), timeout=30, what="the verifier")
-        yield url, token
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/seen").status_code == 200
-    except httpx.HTTPError:
-        return False
+    with running_verifier() as running:
+        yield running
 
 
 ITEMS = [Item("1+1?", "2", "2"), Item("1+2?", "it is 3", "3", {"id": 7})]
@@ -71,8 +53,8 @@ def test_score_retries_5xx_and_names_the_url(verifier: tuple[str, str]) -> None:
     naps: list[float] = []
     got = score(Verifier(url=f"{url}/flaky", retries=2), token, EXPERIMENT, ITEMS, sleep=naps.append)
     assert got == [reward("2"), reward("it is 3")] and naps == [0.5, 1.0]  # two 503s, then an answer
-    seen = httpx.get(f"{url}/seen").json()
-    assert seen["/flaky"]["posts"] == 3 and seen["/flaky"]["last"] == {"experiment": EXPERIMENT, "items": 2}
+    flaky = seen(url)["/flaky"]
+    assert flaky["posts"] == 3 and flaky["last"] == {"experiment": EXPERIMENT, "items": 2}
     with pytest.raises(VerifierError, match=rf"verifier {url}/score refused the step: HTTP 401"):
         score(Verifier(url=f"{url}/score"), "wrong", EXPERIMENT, ITEMS, sleep=naps.append)
     with pytest.raises(VerifierError, match=r"failed 2 times: no answer within timeoutSeconds 0.3"):
@@ -143,8 +125,8 @@ def test_verifier_rewards_train_and_a_broken_verifier_fails_only_its_experiment(
         rollouts = api.get("/v1/experiments/ns/good/rollouts").json()["rollouts"]
         assert rollouts and all(r["reward"] == reward(r["completion"]) for r in rollouts)
         assert state("good")["phase"] == "Running" and state("good")["stats"]["gradNorm"] >= 0
-        seen = httpx.get(f"{url}/seen").json()["/score"]["last"]
-        assert seen["items"] == 4 and seen["experiment"]["name"] == "good"
+        last = seen(url)["/score"]["last"]
+        assert last["items"] == 4 and last["experiment"]["name"] == "good"
         # The token is in no answer, no metric and no log line.
         listing = api.get("/v1/experiments").text
         metrics = api.get("/metrics").text

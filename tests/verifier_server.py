@@ -8,12 +8,20 @@ path got and the experiments and item counts of the last one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+import httpx
+from runtime_server import free_port, wait_for
 
 
 def reward(completion: str) -> float:
@@ -59,6 +67,32 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
+
+
+def seen(url: str) -> dict[str, Any]:
+    """What the verifier at `url` was sent (GET /seen)."""
+    return dict(httpx.get(f"{url}/seen").json())
+
+
+@contextlib.contextmanager
+def running_verifier() -> Iterator[tuple[str, str]]:
+    """(base URL, token) of this script running as a process of its own."""
+    port, token = free_port(), secrets.token_urlsafe(16)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(port), token])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url), timeout=30, what="the verifier")
+        yield url, token
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/seen").status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 if __name__ == "__main__":
