@@ -23,6 +23,7 @@ commands=(
   "clora bench ops --model tiny --json $out/ops-$tag-tiny.json"
   "clora bench replicas --model tiny --threads 2 --json $out/replicas-$tag-tiny.json --plot $out/replicas-$tag-tiny.png"
   "clora bench replicas --model tiny --threads 1 --kills 0 --json $out/replicas-$tag-tiny-1-thread.json"
+  "clora bench verifier --model tiny --json $out/verifier-$tag-tiny.json"
 )
 for c in "${commands[@]}"; do
   echo "+ $c" >&2

@@ -133,3 +133,13 @@ def test_verifier_rewards_train_and_a_broken_verifier_fails_only_its_experiment(
         openapi = api.get("/openapi.json").text
     for text in (listing, metrics, openapi, server.log()):
         assert token not in text
+
+
+def test_bench_verifier_compares_both_arms() -> None:
+    """The benchmark's plumbing on a short run (its figures come from scripts/bench.sh)."""
+    from clora_runtime.bench.verifier import verifier_bench
+
+    r = verifier_bench(experiments=2, ticks=2, rounds=1)
+    assert set(r["experiments"]) == {"1", "2"}
+    for e in r["experiments"].values():
+        assert e["builtinRewardSeconds"]["mean"] > 0 and e["verifierRewardSeconds"]["mean"] > 0

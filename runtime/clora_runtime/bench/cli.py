@@ -1,4 +1,4 @@
-"""`clora bench throughput | rewards | scaling | join | ops | vllm-seeds | replicas`."""
+"""`clora bench throughput | rewards | scaling | join | ops | vllm-seeds | replicas | verifier`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--json", type=Path, default=None, help="write the full result here")
     r.add_argument("--plot", type=Path, default=None, help="PNG of throughput and memory")
 
+    f = sub.add_parser("verifier", help="what scoring through an HTTP verifier (task http) adds to a tick")
+    f.add_argument("--model", default="tiny", help="base model: tiny | smollm2 | HF id | path")
+    f.add_argument("--experiments", type=int, default=8, help="N (also measured: 1)")
+    f.add_argument("--ticks", type=int, default=10, help="ticks timed per run")
+    f.add_argument("--rounds", type=int, default=3, help="runs of each arm, alternated")
+    f.add_argument("--json", type=Path, default=None, help="write the full result here")
+
     v = sub.add_parser("vllm-seeds", help="what per-row seeds cost vLLM's sampler (needs vLLM)")
     v.add_argument("--model", default="smollm2", help="base model: smollm2 | tiny | HF id | path")
     v.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -176,6 +183,18 @@ def main(args: argparse.Namespace) -> int:
         )
         if args.plot:
             replicas.plot(result, args.plot)
+        _write(result, args.json, console)
+        return 0
+    if args.bench == "verifier":
+        from clora_runtime.bench.verifier import verifier_bench
+
+        result = verifier_bench(args.model, args.experiments, args.ticks, args.rounds, console)
+        for n, e in result["experiments"].items():
+            console.print(
+                f"{n} experiment(s): reward phase {e['builtinRewardSeconds']['mean'] * 1000:.1f} ms built in,"
+                f" {e['verifierRewardSeconds']['mean'] * 1000:.1f} ms through the verifier: overhead"
+                f" [bold]{e['overheadMsPerTick']:.1f} ± {e['overheadMsPerTickSe']:.1f} ms[/] per tick"
+            )
         _write(result, args.json, console)
         return 0
     if args.bench == "vllm-seeds":

@@ -298,6 +298,29 @@ def replicas_section(name: str, r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def verifier_section(name: str, r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    lines = [
+        f"### Verifier: what an HTTP verifier adds to a tick (`{c['model']}`, {name})",
+        *_command(r),
+        f"Machine: {_machine(r['machine'])}. The same problems scored by the built-in exact-match reward"
+        " and by examples/continual/verifier.py (the same rule) on loopback, runs alternated"
+        f" ({c['rounds']} each, {c['ticks']} ticks timed per run, {c['itemsPerStep']} completions per"
+        " experiment step); the reward phase of a tick, mean ± standard error:",
+        "",
+        "| experiments | built in ms/tick | verifier ms/tick | overhead ms/tick |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n, e in r["experiments"].items():
+        b, v = e["builtinRewardSeconds"], e["verifierRewardSeconds"]
+        lines.append(
+            f"| {n} | {b['mean'] * 1000:.1f} ± {b['se'] * 1000:.1f}"
+            f" | {v['mean'] * 1000:.1f} ± {v['se'] * 1000:.1f}"
+            f" | {e['overheadMsPerTick']:.1f} ± {e['overheadMsPerTickSe']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def render(results: Path, output: Path) -> str:
     out = [
         "# Benchmarks",
@@ -307,7 +330,17 @@ def render(results: Path, output: Path) -> str:
         "the limit that bounds it.",
         "",
     ]
-    order = ("throughput", "rewards", "scaling", "join", "revisions", "ops", "replicas", "vllm-seeds")
+    order = (
+        "throughput",
+        "rewards",
+        "scaling",
+        "join",
+        "revisions",
+        "ops",
+        "replicas",
+        "verifier",
+        "vllm-seeds",
+    )
     paths = [p for p in results.glob("*.json") if p.stem.startswith(order)]
     for path in sorted(
         paths, key=lambda p: (next(i for i, o in enumerate(order) if p.stem.startswith(o)), p.stem)
@@ -333,6 +366,8 @@ def render(results: Path, output: Path) -> str:
             out += vllm_seeds_section(name, r)
         elif name.startswith("replicas"):
             out += replicas_section(name, r)
+        elif name.startswith("verifier"):
+            out += verifier_section(name, r)
         png = path.with_suffix(".png")
         if png.exists():
             out += [f"![{name}]({os.path.relpath(png, output.parent)})", ""]
