@@ -30,7 +30,8 @@ class PutExperimentRequest(SpecModel):
     """A checkpoint directory inside the pod to resume from, or null to start fresh."""
     verifier_token: str | None = Field(None, max_length=8192, repr=False)
     """task http: the value of spec.task.verifier.tokenSecret (the operator reads the Secret), sent to
-    the verifier as a bearer token. Write-only: never in an answer, a log line or a metric."""
+    the verifier as a bearer token; a later PUT without one keeps it. Write-only: never in an answer, a
+    log line or a metric."""
 
 
 class Sample(SpecModel):

@@ -302,7 +302,8 @@ class Engine:
         with self._lock:
             current = self._experiments.get(key)
             if current is not None:
-                current.verifier_token = verifier_token  # a rotated Secret applies from the next step
+                if verifier_token is not None:  # a rotated Secret applies from the next step
+                    current.verifier_token = verifier_token
                 return self._update(current, spec)
             self._validate_new(key, spec)
             if resume_from is not None:

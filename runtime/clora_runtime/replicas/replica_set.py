@@ -270,7 +270,8 @@ class ReplicaSet:
             with self._lock:
                 if key in self._placed:
                     self._placed[key].spec = spec
-                    self._placed[key].verifier_token = verifier_token
+                    if verifier_token is not None:
+                        self._placed[key].verifier_token = verifier_token
                 else:  # this PUT added it: the racing one failed or has not answered yet
                     self._placed[key] = _Placed(spec, resume_from, known, verifier_token)
             return self._seen(state)
