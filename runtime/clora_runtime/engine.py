@@ -46,6 +46,7 @@ import httpx
 import torch
 
 from clora.api import CheckpointRef, LoRAExperimentSpec, Reward
+from clora.api.experiment_types import PublishedRef
 from clora.api.runtime_api import (
     DeleteExperimentResponse,
     ExperimentState,
@@ -61,6 +62,7 @@ from clora_runtime import checkpoint
 from clora_runtime.config import EngineConfig
 from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
+from clora_runtime.publishing import Publisher
 from clora_runtime.sampling import sampler_class
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
 from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward, verifier
@@ -166,7 +168,9 @@ class Experiment:
         window = self.rewards[-REWARD_WINDOW:]
         return Reward(mean=self.rewards[-1], best=max(self.rewards), window=sum(window) / len(window))
 
-    def to_state(self, replica: int) -> ExperimentState:
+    def to_state(
+        self, replica: int, published: tuple[PublishedRef | None, str] = (None, "")
+    ) -> ExperimentState:
         return ExperimentState(
             namespace=self.namespace,
             name=self.name,
@@ -180,6 +184,8 @@ class Experiment:
             stats=self.stats,
             spec_digest=spec_digest(self.spec),
             replica=replica,
+            published=published[0],
+            publish_error=published[1],
         )
 
 
@@ -248,6 +254,7 @@ class Engine:
         self._lock = threading.RLock()  # guards the records above; never held across a tick's work
         self._tick_lock = threading.Lock()  # one tick (or a shutdown checkpoint) at a time
         self._http = httpx.Client()  # task http's verifier calls, with keep-alive between steps
+        self.publisher = Publisher(self._http)  # spec.publish, on a thread of its own
         self._ticks = 0
         # Tests: called with (phase, adapter keys) before each sampling call and training micro-batch;
         # raising there stands for a fault of those adapters' rows (e.g. torch.OutOfMemoryError).
@@ -327,13 +334,13 @@ class Engine:
             else:
                 self._admit(exp, resume_from)
             self._update_slot_metrics()
-            return exp.to_state(self.replica)
+            return self._state(exp)
 
     def _update(self, exp: Experiment, spec: LoRAExperimentSpec) -> ExperimentState:
         """A PUT of an experiment the engine has (holds _lock)."""
         key = exp.key
         if exp.spec == spec:
-            return exp.to_state(self.replica)
+            return self._state(exp)
         if exp.removing:
             raise ExperimentConflict(f"{key}: being removed; PUT again once DELETE has answered 200")
         if exp.spec.lora != spec.lora:
@@ -349,7 +356,7 @@ class Engine:
         if resumes:
             self._admit(exp, exp.last_checkpoint.path if exp.last_checkpoint else exp.resume_from)
             self._update_slot_metrics()
-        return exp.to_state(self.replica)
+        return self._state(exp)
 
     def _validate_new(self, key: str, spec: LoRAExperimentSpec) -> None:
         if spec.lora.rank > self.config.max_rank:
@@ -428,7 +435,7 @@ class Engine:
 
     def states(self) -> list[ExperimentState]:
         with self._lock:
-            return [e.to_state(self.replica) for e in self._experiments.values()]
+            return [self._state(e) for e in self._experiments.values()]
 
     def removed(self) -> list[RemovedExperiment]:
         """Recently removed experiments with their final checkpoints, oldest first."""
@@ -437,7 +444,7 @@ class Engine:
 
     def state(self, namespace: str, name: str) -> ExperimentState:
         with self._lock:
-            return self._get(f"{namespace}/{name}").to_state(self.replica)
+            return self._state(self._get(f"{namespace}/{name}"))
 
     def rollouts(self, namespace: str, name: str, step: int | None = None) -> RolloutList:
         """The rollouts of one kept step (the newest when step is None) and the steps kept."""
@@ -568,9 +575,7 @@ class Engine:
         total = spec.training.steps
         if total is not None and exp.step >= total:
             if exp.phase != "Succeeded":
-                self._checkpoint(exp)
-                with self._lock:
-                    exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
+                self._finish(exp)
         elif exp.phase in ("Pending", "Succeeded"):
             with self._lock:
                 exp.phase, exp.message = "Running", ""
@@ -847,9 +852,7 @@ class Engine:
             total = t.steps
             try:
                 if total is not None and exp.step >= total:
-                    self._checkpoint(exp)
-                    with self._lock:
-                        exp.phase, exp.message = "Succeeded", f"trained {exp.step} steps"
+                    self._finish(exp)
                 elif exp.step % plan.spec.checkpoint.every_steps == 0:
                     self._checkpoint(exp)
             except Exception as err:
@@ -998,7 +1001,23 @@ class Engine:
             exp.last_checkpoint = ref
         if self.metrics is not None:
             self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        self.publisher.offer(exp.namespace, exp.name, exp.spec.publish, ref, final=False)
         return ref
+
+    def _finish(self, exp: Experiment) -> None:
+        """Its last step is done: the final checkpoint (once), published as final; Succeeded once that
+        publish has settled (sent, or given up: training is over either way)."""
+        if exp.last_checkpoint is None or exp.last_checkpoint.step < exp.step:
+            self._checkpoint(exp)
+        if exp.last_checkpoint is not None:
+            self.publisher.offer(exp.namespace, exp.name, exp.spec.publish, exp.last_checkpoint, final=True)
+        done = self.publisher.settled(exp.key)
+        with self._lock:
+            exp.phase = "Succeeded" if done else "Running"
+            exp.message = f"trained {exp.step} steps" + ("" if done else "; publishing the final adapter")
+
+    def _state(self, exp: Experiment) -> ExperimentState:
+        return exp.to_state(self.replica, self.publisher.status(exp.key))
 
     def _queue_path(self, exp: Experiment) -> Path:
         return (
