@@ -373,3 +373,41 @@ def test_required_permissions_cover_what_the_operator_touches() -> None:
     assert "patch" in perms[("clora.dev", "loraruntimes/status")]
     assert len(perms) == len(k8s.REQUIRED_PERMISSIONS)  # one rule per resource
     assert FINALIZER == "clora.dev/cleanup"
+
+
+def test_published_versions_reach_the_status_a_condition_and_one_event_each() -> None:
+    from clora.api.experiment_types import PublishedRef
+
+    spec = {**SPEC, "publish": {"vllm": {"url": "http://vllm:8000"}}}
+
+    def seen(step: int, published: int | None, error: str = "") -> status.Observed:
+        ref = None
+        if published is not None:
+            ref = PublishedRef(
+                step=published, name="ns-x", target="http://vllm:8000", path=f"/ck/p/{published}"
+            )
+        s = ExperimentState(
+            namespace="ns", name="x", phase="Running", step=step, published=ref, publish_error=error
+        )
+        return status.observe_runtime(s, "pod-a", "node-a")
+
+    def published_condition(st: dict[str, Any]) -> dict[str, Any]:
+        return next(c for c in st["conditions"] if c["type"] == "Published")
+
+    first = status.experiment_status({}, seen(1, None), spec=spec, generation=1, now=T0)
+    assert first["published"] is None and published_condition(first)["status"] == "False"
+    second = status.experiment_status(first, seen(2, 2), spec=spec, generation=1, now=T0)
+    assert second["published"]["step"] == 2 and published_condition(second)["reason"] == "Published"
+    events = status.transition_events(first, second, seen(2, 2))
+    assert [e.reason for e in events] == ["Published"] and "step 2 published as ns-x" in events[0].message
+    assert status.transition_events(second, second, seen(2, 2)) == []  # a repeated poll posts nothing
+    failing = status.experiment_status(second, seen(4, 2, "publishing step 4 failed: HTTP 500"), spec=spec,
+                                       generation=1, now=T0)  # fmt: skip
+    cond = published_condition(failing)
+    assert (cond["status"], cond["reason"]) == ("False", "PublishFailed") and "serving step 2" in cond[
+        "message"
+    ]
+    assert failing["phase"] == "Running" and failing["published"]["step"] == 2  # training goes on
+    # Without spec.publish there is no Published condition at all.
+    plain = status.experiment_status({}, seen(1, None), spec=SPEC, generation=1, now=T0)
+    assert all(c["type"] != "Published" for c in plain["conditions"])

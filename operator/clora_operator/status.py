@@ -20,6 +20,7 @@ from clora.constants import (
     COND_CHECKPOINTED,
     COND_DEGRADED,
     COND_FAILED,
+    COND_PUBLISHED,
     COND_READY,
     COND_RUNNING,
     COND_SCHEDULED,
@@ -29,6 +30,8 @@ from clora.constants import (
     REASON_INVALID,
     REASON_MISSING_DATASET,
     REASON_PREEMPTED,
+    REASON_PUBLISH_FAILED,
+    REASON_PUBLISHED,
     REASON_RANK_TOO_HIGH,
     REASON_RUNNING,
     REASON_RUNTIME_REJECTED,
@@ -189,7 +192,7 @@ def experiment_status(
     checkpoint recorded (a resumed experiment restarts from there, not from 0)."""
     cur = dict(current or {})
     if cur.get("phase") in TERMINAL_PHASES:
-        return _final(cur, obs, now=now, generation=generation)
+        return _final(cur, obs, spec=spec, now=now, generation=generation)
     state = obs.state
     checkpoint: Mapping[str, Any] | None = cur.get("lastCheckpoint")
     if state is not None and state.last_checkpoint is not None:
@@ -212,6 +215,8 @@ def experiment_status(
     terminal = obs.phase in TERMINAL_PHASES
     completion = (cur.get("completionTime") or timestamp(now)) if terminal else None
     kw: dict[str, Any] = {"now": now, "generation": generation}
+    conditions = _experiment_conditions(list(cur.get("conditions") or []), obs, checkpoint, **kw)
+    published, conditions = _published(cur, obs, spec, conditions, **kw)
     return {
         "phase": obs.phase,
         "runtimePod": obs.runtime_pod,
@@ -220,16 +225,52 @@ def experiment_status(
         "totalSteps": total,
         "reward": reward,
         "lastCheckpoint": checkpoint,
+        "published": published,
         "startTime": start,
         "completionTime": completion,
         "message": obs.message,
         "observedGeneration": generation,
-        "conditions": _experiment_conditions(list(cur.get("conditions") or []), obs, checkpoint, **kw),
+        "conditions": conditions,
     }
 
 
-def _final(cur: Status, obs: Observed, *, now: datetime, generation: int | None) -> Status:
-    """A Succeeded or Failed status: only a newer checkpoint (the final one) is recorded."""
+def _published(
+    cur: Mapping[str, Any], obs: Observed, spec: Mapping[str, Any], conds: list[dict[str, Any]], **kw: Any
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """status.published (the runtime's, else the one recorded: the version serving outlives its pod)
+    and the Published condition, present only with spec.publish: False while the last publish failed
+    (training goes on; the runtime retries at the next checkpoint)."""
+    state = obs.state
+    published = cur.get("published")
+    if state is not None and state.published is not None:
+        published = state.published.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if not spec.get("publish"):
+        return published, conds
+    error = state.publish_error if state is not None else ""
+    if error:
+        serving = f"; serving step {published['step']}" if published else ""
+        cond = ("False", REASON_PUBLISH_FAILED, error + serving)
+    elif published:
+        cond = (
+            "True",
+            REASON_PUBLISHED,
+            f"step {published['step']} as {published['name']} on {published['target']}",
+        )
+    else:
+        cond = ("False", "NotPublished", "no checkpoint published yet")
+    return published, _ordered(set_condition(conds, COND_PUBLISHED, *cond, **kw))
+
+
+def _final(
+    cur: Status, obs: Observed, *, spec: Mapping[str, Any], now: datetime, generation: int | None
+) -> Status:
+    """A Succeeded or Failed status: only a newer checkpoint (the final one) and a newer publish are
+    recorded."""
+    published, conds = _published(
+        cur, obs, spec, list(cur.get("conditions") or []), now=now, generation=generation
+    )
+    if published != cur.get("published"):
+        cur = {**cur, "published": published, "conditions": conds}
     checkpoint = obs.checkpoint
     if not checkpoint and obs.state is not None and obs.state.last_checkpoint is not None:
         checkpoint = obs.state.last_checkpoint.model_dump(mode="json", by_alias=True)
@@ -295,6 +336,14 @@ def transition_events(before: Mapping[str, Any], after: Mapping[str, Any], obs: 
             )
         elif now == "Failed":
             events.append(Event(obs.reason, obs.message, warning=True))
+    old_pub, new_pub = before.get("published") or {}, after.get("published") or {}
+    if new_pub.get("step") is not None and new_pub.get("step") != old_pub.get("step"):
+        events.append(
+            Event(
+                REASON_PUBLISHED,
+                f"step {new_pub['step']} published as {new_pub.get('name')} on {new_pub.get('target')}",
+            )
+        )
     old_cp, new_cp = before.get("lastCheckpoint") or {}, after.get("lastCheckpoint") or {}
     if new_cp.get("path") and new_cp.get("path") != old_cp.get("path"):
         events.append(
