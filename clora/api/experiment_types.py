@@ -236,15 +236,46 @@ class VLLMServer(SpecModel):
     version replaces the previous one under this name (vLLM's in-place reload)."""
 
 
-class PublishPolicy(SpecModel):
-    """Where trained adapters go while training goes on, and how often (docs/publishing.md)."""
+class AibrixAdapter(SpecModel):
+    """An aibrix ModelAdapter (model.aibrix.ai/v1alpha1) the operator creates in the experiment's
+    namespace and points at each published version; aibrix loads it on the serving pods it selects."""
 
-    vllm: VLLMServer
-    """The serving target. The adapter's files are read by the server from the checkpoint volume,
-    so the server must mount it at the same path (a ReadWriteMany volume in a cluster)."""
+    pod_selector: dict[str, str] = Field(min_length=1)
+    """matchLabels of the serving pods (e.g. {model.aibrix.ai/name: qwen3-4b})."""
+    base_model: str | None = Field(None, min_length=1, max_length=253)
+    """The base model the adapter attaches to (the ModelAdapter's baseModel)."""
+    adapter_name: str | None = Field(
+        None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
+    """The ModelAdapter's name, which is also the name clients ask for; unset: the experiment's name."""
+
+
+class PublishPolicy(SpecModel):
+    """Where trained adapters go while training goes on, and how often (docs/publishing.md).
+    Exactly one target. The adapter's files are read by the serving pods from the checkpoint
+    volume, so they must mount it at the same path (a ReadWriteMany volume in a cluster)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.vllm) != has(self.aibrix)", "message": "set exactly one of vllm, aibrix"}
+            ]
+        }
+    )
+
+    vllm: VLLMServer | None = None
+    """A vLLM server the runtime loads each version into."""
+    aibrix: AibrixAdapter | None = None
+    """An aibrix ModelAdapter the operator keeps pointed at the newest version."""
     every_steps: int | None = Field(None, ge=1)
     """Publish the newest checkpoint once it is at least this many steps past the published one;
     unset: every checkpoint. The final checkpoint (the experiment's last step) is always published."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PublishPolicy:
+        if (self.vllm is None) == (self.aibrix is None):
+            raise ValueError("set exactly one of vllm, aibrix")
+        return self
 
 
 class PublishedRef(StatusModel):

@@ -70,6 +70,8 @@ REQUIRED_PERMISSIONS: tuple[Permission, ...] = (
     Permission("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
     Permission("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
     Permission("", "namespaces", ("list", "watch")),
+    # aibrix ModelAdapters of experiments that publish there (spec.publish.aibrix).
+    Permission("model.aibrix.ai", "modeladapters", ("get", "create", "patch")),
 )
 
 
@@ -210,6 +212,18 @@ class KubeClient:
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         return await self._create(self._core.create_namespaced_secret, namespace, body)
+
+    async def apply_model_adapter(self, namespace: str, body: Mapping[str, Any]) -> None:
+        """Creates the aibrix ModelAdapter, or patches the spec of the one of that name."""
+        args = ("model.aibrix.ai", "v1alpha1", namespace, "modeladapters")
+        try:
+            await self._call(self._custom.create_namespaced_custom_object, *args, dict(body))
+        except Conflict:
+            name = body["metadata"]["name"]
+            patch = {"spec": body["spec"]}
+            await self._call(
+                self._custom.patch_namespaced_custom_object, *args, name, patch, _content_type=MERGE_PATCH
+            )
 
     async def _create(self, call: Any, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Creates the object; None if one of that name exists already (creation is idempotent)."""

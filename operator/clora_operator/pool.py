@@ -44,6 +44,7 @@ from clora.constants import (
     REASON_MISSING_DATASET,
     REASON_MISSING_SECRET,
     REASON_PREEMPTED,
+    REASON_PUBLISH_FAILED,
     REASON_QUEUED,
     REASON_RESUMED,
     REASON_RUNTIME_LOST,
@@ -52,6 +53,7 @@ from clora.constants import (
     REASON_WAITING_FOR_KUEUE,
 )
 from clora_operator import k8s, scheduler
+from clora_operator.model_adapters import model_adapter
 from clora_operator.pods import PodInfo, build_token_secret, plan_pods, pod_info, secret_name
 from clora_operator.runtime_client import RuntimeRejected, RuntimeUnavailable
 from clora_operator.state import ExperimentRecord, OperatorState, PodView, Pool, Written
@@ -501,12 +503,33 @@ async def reconcile(
         await asyncio.sleep(0.05)
     pool.synced = True
     await _record_removals(state, pool, records())
+    await _apply_model_adapters(state, pool, records(), logger)
     await _requeue_lost(state, pool, records(), logger)
     await _clean_up(state, pool, records(), logger)
     await _schedule(state, pool, runtime, records(), logger)
     await _show_suspended(state, pool, records())
     await _write_runtime_status(state, pool, runtime, records())
     _count_phases(state, pool, records())
+
+
+async def _apply_model_adapters(
+    state: OperatorState, pool: Pool, records: list[ExperimentRecord], logger: logging.Logger
+) -> None:
+    """Every experiment publishing to aibrix has its ModelAdapter pointed at its published version."""
+    for record in records:
+        if record.parsed is None or record.deleting:
+            continue
+        published = pool.status_of(record).get("published") or {}
+        body = model_adapter(record.namespace, record.name, record.uid, record.parsed, published)
+        if body is None or pool.adapters.get(record.key) == body["spec"]:
+            continue
+        try:
+            await state.kube.apply_model_adapter(record.namespace, body)
+        except k8s.KubeError as e:  # e.g. no aibrix CRD here: said on the experiment, retried next pass
+            logger.warning("%s: ModelAdapter %s not applied: %s", record.key, body["metadata"]["name"], e)
+            _event(record, REASON_PUBLISH_FAILED, f"ModelAdapter not applied: {e}", warning=True)
+            continue
+        pool.adapters[record.key] = body["spec"]
 
 
 def _checkpoint_note(status: dict[str, Any]) -> str:

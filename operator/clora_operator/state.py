@@ -140,10 +140,13 @@ class Pool:
     pollers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     kick: asyncio.Event = field(default_factory=asyncio.Event)
     status: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, Any] = field(default_factory=dict)
+    """key -> the spec of the aibrix ModelAdapter last applied for it (applied again when it differs)."""
 
     def forget(self) -> None:
         """Drops every cache (not the work in flight): what a restarted operator starts from."""
         self.written.clear()
+        self.adapters.clear()
         self.token = None
         self.synced = False
         self.status = {}

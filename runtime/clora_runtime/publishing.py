@@ -4,7 +4,8 @@ The engine offers every checkpoint it writes. A thread of its own takes the ones
 <experiment folder>/published/step-N (checkpoint pruning never touches that folder, so the server can
 always read the version it serves) and asks the server to load it: vLLM's
 POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace": true}, which replaces the version
-served under that name. Nothing here runs on the tick thread or under an engine lock: a slow or down
+served under that name; for an aibrix target the copy is all, and the operator points the experiment's
+ModelAdapter at it. Nothing here runs on the tick thread or under an engine lock: a slow or down
 server delays only the publish. A newer offer replaces one not sent yet; a failed attempt is retried
 (after 1 s, 2 s, 4 s), then given up until the next checkpoint, with the error in the experiment's
 state (publishError). Training never waits for it, except that the final step's publish is awaited
@@ -45,7 +46,16 @@ class _Job:
 
 
 def adapter_name(namespace: str, name: str, policy: PublishPolicy) -> str:
-    return policy.vllm.adapter_name or f"{namespace}-{name}"
+    """The name the version is served under: the target's, else <namespace>-<name> on vLLM (names
+    there are global) or the experiment's name for an aibrix ModelAdapter (namespaced)."""
+    if policy.vllm is not None:
+        return policy.vllm.adapter_name or f"{namespace}-{name}"
+    assert policy.aibrix is not None
+    return policy.aibrix.adapter_name or name
+
+
+def target_of(policy: PublishPolicy) -> str:
+    return shown(policy.vllm.url) if policy.vllm is not None else "aibrix"
 
 
 class Publisher:
@@ -117,7 +127,7 @@ class Publisher:
             try:
                 published = self._publish(job)
             except Exception as e:  # any failure: said in the state, retried, never raised to training
-                error = f"publishing step {job.checkpoint.step} to {shown(job.policy.vllm.url)} failed: {e}"
+                error = f"publishing step {job.checkpoint.step} to {target_of(job.policy)} failed: {e}"
                 log.warning("%s: %s (attempt %d of %d)", key, error, attempt + 1, ATTEMPTS)
                 continue
             with self._cond:
@@ -138,15 +148,21 @@ class Publisher:
             shutil.copytree(source, staging, dirs_exist_ok=True)
             staging.replace(copy)  # whole or absent, as checkpoints are
         name = adapter_name(job.namespace, job.name, job.policy)
-        url = job.policy.vllm.url.rstrip("/")
-        body = {"lora_name": name, "lora_path": str(copy), "load_inplace": True}
-        rsp = self._http.post(f"{url}/v1/load_lora_adapter", json=body, timeout=TIMEOUT_S)
-        if rsp.status_code >= 400:
-            raise RuntimeError(f"HTTP {rsp.status_code}: {rsp.text[:300]}")
+        if job.policy.vllm is not None:
+            url = job.policy.vllm.url.rstrip("/")
+            body = {"lora_name": name, "lora_path": str(copy), "load_inplace": True}
+            rsp = self._http.post(f"{url}/v1/load_lora_adapter", json=body, timeout=TIMEOUT_S)
+            if rsp.status_code >= 400:
+                raise RuntimeError(f"HTTP {rsp.status_code}: {rsp.text[:300]}")
+        # aibrix: the copy is the version; the operator points the ModelAdapter at it (status.published).
         for old in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))[
             :-KEPT_COPIES
         ]:
             shutil.rmtree(old, ignore_errors=True)
         return PublishedRef(
-            step=job.checkpoint.step, name=name, target=shown(url), path=str(copy), time=datetime.now(UTC)
+            step=job.checkpoint.step,
+            name=name,
+            target=target_of(job.policy),
+            path=str(copy),
+            time=datetime.now(UTC),
         )
