@@ -29,6 +29,8 @@ def example(tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(EXAMPLE, folder)
     experiment = folder / "experiment.yaml"
     text = experiment.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    # Publishing to vLLM is tested against a real server in tests/test_vllm_sampler.py; here, none.
+    text = text.split("  publish:")[0]
     experiment.write_text(text.replace("examples/continual/prompts.jsonl", str(folder / "prompts.jsonl")))
     env = {**os.environ, "PORT": str(port), "VERIFIER_TOKEN": "change-me"}
     verifier = subprocess.Popen([sys.executable, str(folder / "verifier.py")], env=env)

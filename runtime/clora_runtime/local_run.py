@@ -137,6 +137,7 @@ class Tracked:
     step: int = 0
     message: str = ""
     stats: dict[str, Any] = field(default_factory=dict)  # RL statistics of the last step (camelCase)
+    published: dict[str, Any] | None = None  # the version spec.publish sent to serving
 
     @property
     def namespace(self) -> str:
@@ -266,6 +267,8 @@ def _run(
             t = tracked[(state.namespace, state.name)]
             t.phase, t.step, t.message = state.phase, state.step, state.message
             t.stats = state.stats.model_dump(mode="json", by_alias=True)
+            if state.published is not None:
+                t.published = state.published.model_dump(mode="json", by_alias=True)
             t.rewards, t.step_seconds = engine.experiment_history(state.namespace, state.name)
             if state.phase in TERMINAL and t.finished is None:
                 finish(t)
@@ -378,6 +381,7 @@ def _summary(
                 else None,
                 "stepSeconds": [round(s, 4) for s in t.step_seconds],
                 "stats": t.stats,
+                "published": t.published,
                 "adapter": t.adapter_dir,
             }
             for t in tracked.values()
