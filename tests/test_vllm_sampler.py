@@ -362,4 +362,14 @@ def test_a_continual_experiment_publishes_to_vllm_while_it_trains(
             assert max(abs(a - b) for a, b in zip(served[2], base, strict=True)) > 1e-3
             assert max(abs(a - b) for a, b in zip(served[4], served[2], strict=True)) > 1e-4
             assert "judged" in {m["id"] for m in httpx.get(f"{vllm_server}/v1/models").json()["data"]}
+            chat = {
+                "model": "judged",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4,
+                "temperature": 0,
+            }
+            answer = httpx.post(f"{vllm_server}/v1/chat/completions", json=chat, timeout=120)
+            assert answer.status_code == 200, answer.text  # a chat completion, from the published adapter
+            reply = answer.json()
+            assert reply["model"] == "judged" and reply["usage"]["completion_tokens"] >= 1
     print(f"\ncheckpoint written -> served by vLLM: {', '.join(f'{s:.2f} s' for s in latency)}")
