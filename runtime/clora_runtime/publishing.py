@@ -69,6 +69,7 @@ class Publisher:
         self._busy: set[str] = set()
         self._published: dict[str, PublishedRef] = {}
         self._errors: dict[str, str] = {}
+        self._offered: dict[str, int] = {}  # key -> the newest checkpoint step taken (sent or given up)
         self._thread: threading.Thread | None = None
 
     def offer(
@@ -79,13 +80,14 @@ class Publisher:
             return
         key = f"{namespace}/{name}"
         with self._cond:
+            if self._offered.get(key, -1) >= checkpoint.step:
+                return  # taken already: published, being published, or given up
             last = self._published.get(key)
-            if last is not None and last.step >= checkpoint.step:
-                return
             every = policy.every_steps
             if not (final or every is None or checkpoint.step - (last.step if last else 0) >= every):
                 return
             self._pending[key] = _Job(namespace, name, policy, checkpoint)
+            self._offered[key] = checkpoint.step
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="clora-publisher", daemon=True)
                 self._thread.start()
