@@ -243,6 +243,9 @@ class Cluster:
             and (reason is None or e.get("reason") == reason)
         ]
 
+    def runtime_status(self, name: str, namespace: str = NS) -> dict[str, Any]:
+        return (self.get(RUNTIMES, namespace, name) or {}).get("status") or {}
+
     def status(self, name: str, namespace: str = NS) -> dict[str, Any]:
         return (self.get(EXPERIMENTS, namespace, name) or {}).get("status") or {}
 

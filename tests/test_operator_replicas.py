@@ -81,7 +81,7 @@ async def test_replicas_fill_every_replica_of_every_pod_and_all_succeed(tmp_path
             )
 
             def pool() -> dict[str, Any]:
-                return (cluster.get(RUNTIMES, NS, RUNTIME) or {}).get("status") or {}
+                return cluster.runtime_status(RUNTIME)
 
             await cluster.wait_for("2 ready pods", lambda: pool().get("readyPods") == 2, timeout=240)
             assert pool()["totalSlots"] == 8  # 2 pods x 2 replicas x maxAdapters 2

@@ -49,9 +49,7 @@ async def test_the_verifier_token_comes_from_a_secret_and_nowhere_else(tmp_path:
                 )
                 await cluster.wait_for(
                     "a ready pod",
-                    lambda: (
-                        ((cluster.get(RUNTIMES, NS, "tiny") or {}).get("status") or {}).get("readyPods") == 1
-                    ),
+                    lambda: cluster.runtime_status("tiny").get("readyPods") == 1,
                     timeout=180,
                 )
                 experiment = {

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from clora_runtime.tasks.base import Problem, Task
 
@@ -16,21 +18,28 @@ def reference_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def parse_records(text: str, origin: str) -> list[Problem]:
+def parse_jsonl(text: str, origin: str, problem: Callable[[Any], Problem], what: str) -> list[Problem]:
+    """One Problem per JSONL line (`problem` reads a record); ValueError naming the line otherwise."""
     problems: list[Problem] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            problems.append(
-                Problem(prompt=str(record["question"]), answer=reference_answer(str(record["answer"])))
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{origin}:{number}: not a record with question and answer ({err})") from err
+            problems.append(problem(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{origin}:{number}: not a record with {what} ({err})") from err
     if not problems:
         raise ValueError(f"{origin}: no records")
     return problems
+
+
+def parse_records(text: str, origin: str) -> list[Problem]:
+    return parse_jsonl(
+        text,
+        origin,
+        lambda r: Problem(prompt=str(r["question"]), answer=reference_answer(str(r["answer"]))),
+        "question and answer",
+    )
 
 
 class Gsm8kTask(Task):

@@ -4,28 +4,21 @@ experiment then trains on pushed samples only."""
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from clora_runtime.tasks.base import Problem
-from clora_runtime.tasks.gsm8k import Gsm8kTask
+from clora_runtime.tasks.gsm8k import Gsm8kTask, parse_jsonl
+
+
+def _problem(record: Any) -> Problem:
+    metadata = record.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError("metadata must be an object")
+    return Problem(str(record["prompt"]), str(record.get("answer", "")), metadata)
 
 
 def parse_prompt_records(text: str, origin: str) -> list[Problem]:
-    problems: list[Problem] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            metadata = record.get("metadata")
-            if metadata is not None and not isinstance(metadata, dict):
-                raise TypeError("metadata must be an object")
-            problems.append(Problem(str(record["prompt"]), str(record.get("answer", "")), metadata))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{origin}:{number}: not a record with a prompt ({err})") from err
-    if not problems:
-        raise ValueError(f"{origin}: no records")
-    return problems
+    return parse_jsonl(text, origin, _problem, "a prompt")
 
 
 class PromptsTask(Gsm8kTask):
