@@ -32,6 +32,9 @@ class PutExperimentRequest(SpecModel):
     """task http: the value of spec.task.verifier.tokenSecret (the operator reads the Secret), sent to
     the verifier as a bearer token; a later PUT without one keeps it. Write-only: never in an answer, a
     log line or a metric."""
+    dataset_text: str | None = Field(None, max_length=1_048_576, repr=False)
+    """spec.task.dataset.configMap: the value of that ConfigMap key, which the operator reads in the
+    experiment's own namespace (the runtime pod mounts no ConfigMap); null for a path dataset."""
 
 
 class Sample(SpecModel):
