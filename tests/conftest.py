@@ -48,6 +48,7 @@ def tiny_engine(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     def make(**fields: Any) -> Engine:
         fields.setdefault("checkpoint_dir", tmp_path / "checkpoints")
+        fields.setdefault("dataset_roots", [tmp_path])  # where the tests write their datasets
         engine = Engine(EngineConfig(model="tiny", device="cpu", **fields), RuntimeMetrics.create())
         engine.load()
         return engine

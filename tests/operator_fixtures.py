@@ -425,6 +425,12 @@ class Kubelet:
             token_file.write_text(token)
             args = list(container["args"])
             args[args.index("--host") + 1] = ip
+            # The tests' datasets lie in their tmp folder, which stands for a mounted dataset volume.
+            if "--dataset-roots" in args:
+                at = args.index("--dataset-roots") + 1
+                args[at] = os.pathsep.join([args[at], str(self.workdir)])
+            else:
+                args += ["--dataset-roots", str(self.workdir)]
             own_url = f"http://{ip}:{RUNTIME_PORT}"
             if self.proxied:
                 args[args.index("--port") + 1] = str(RUNTIME_PORT + 1)

@@ -91,6 +91,7 @@ def start_runtime_server(
     python: str = sys.executable,
     ready_timeout: float = READY_TIMEOUT_S,
     wait_ready: bool = True,
+    dataset_roots: Sequence[Path] | None = None,
 ) -> RuntimeServer:
     """Start `clora runtime` (this interpreter's `python -m clora.cli runtime`) and wait for /readyz.
 
@@ -98,7 +99,8 @@ def start_runtime_server(
     token is written there and passed as CLORA_RUNTIME_TOKEN_FILE (as a mounted Secret would be)
     instead of CLORA_RUNTIME_TOKEN. `env` is added to this
     process's environment (e.g. CLORA_CACHE_DIR). Raises RuntimeError with the log's tail if the
-    process exits or is not ready in time.
+    process exits or is not ready in time. `dataset_roots`: the runtime's --dataset-roots; None: the
+    folder checkpoint_dir is in (a test's tmp folder, where its datasets are written).
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,10 @@ def start_runtime_server(
         str(checkpoint_dir),
         "--device",
         "cpu",
+        "--dataset-roots",
+        os.pathsep.join(
+            str(r) for r in (dataset_roots if dataset_roots is not None else [checkpoint_dir.parent])
+        ),
         *extra_args,
     ]
     if token is None:

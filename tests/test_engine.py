@@ -118,9 +118,12 @@ def test_continual_experiment_trains_on_pushed_samples_and_keeps_its_queue(
     assert engine.push_samples("ns", "live", [Sample(prompt="What is 9 + 1?", answer="10")]) == 1
     with pytest.raises(ExperimentNotFound):
         engine.push_samples("ns", "other", [Sample(prompt="x")])
-    # A new process on the same checkpoint folder finds what was pushed and not yet trained on.
+    # A new process on the same checkpoint folder, resuming the run from its checkpoint, finds what
+    # was pushed and not yet trained on.
+    engine.checkpoint_all()
+    ref = engine.state("ns", "live").last_checkpoint
     restarted = tiny_engine(checkpoint_dir=tmp_path / "ckpt")
-    restarted.upsert("ns", "live", spec)
+    restarted.upsert("ns", "live", spec, resume_from=ref.path)
     assert restarted.push_samples("ns", "live", [Sample(prompt="What is 2 + 2?", answer="4")]) == 2
 
 

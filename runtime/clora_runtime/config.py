@@ -25,6 +25,9 @@ def default_checkpoint_dir() -> Path:
     return cache_dir() / "runs"
 
 
+MiB = 1024 * 1024
+
+
 class EngineConfig(BaseModel):
     """How one runtime process loads its base model and trains its adapters."""
 
@@ -56,6 +59,24 @@ class EngineConfig(BaseModel):
     checkpoint_dir: Path = Field(
         default_factory=default_checkpoint_dir,
         description="Where checkpoints and pushed-sample queues are written, one folder per experiment.",
+    )
+    dataset_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a spec.task.dataset.path may name (os.pathsep-separated on the command"
+        " line, e.g. /data:/datasets): a path is read only when it resolves, symlinks and .. followed,"
+        " inside one of them, and never inside an experiment's folder of checkpoint_dir (its"
+        " checkpoints and queued samples). Empty: the runtime's working directory only.",
+    )
+    max_dataset_bytes: int = Field(
+        256 * MiB,
+        ge=1,
+        description="The largest dataset file (spec.task.dataset.path) the runtime reads, in bytes.",
+    )
+    max_record_chars: int = Field(
+        32768,
+        ge=1,
+        description="The longest prompt, and the longest answer, of one dataset record in characters:"
+        " a dataset with a longer one is refused (422 naming its line).",
     )
     micro_batch_tokens: int | None = Field(
         None,
@@ -96,6 +117,18 @@ class EngineConfig(BaseModel):
         " GET .../rollouts; older steps are dropped, so memory stays bounded.",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        # The command line gives one string: PATH-style, os.pathsep between folders.
+        if isinstance(value, str | os.PathLike):
+            return [part for part in str(value).split(os.pathsep) if part]
+        return value
+
+    def roots(self) -> list[Path]:
+        """The dataset roots in effect, resolved: dataset_roots, else the working directory."""
+        return [Path(r).resolve() for r in self.dataset_roots] or [Path.cwd().resolve()]
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -65,7 +66,17 @@ from clora_runtime.lora.bank import AdapterBank, AdapterShape
 from clora_runtime.publishing import Publisher
 from clora_runtime.sampling import sampler_class
 from clora_runtime.sampling.base import Completion, Sampler, SampleRequest
-from clora_runtime.tasks import Problem, RewardFn, Task, build_task, chat_prompt, get_reward, verifier
+from clora_runtime.tasks import (
+    DatasetSource,
+    Problem,
+    RewardFn,
+    Task,
+    build_task,
+    chat_prompt,
+    get_reward,
+    read_records,
+    verifier,
+)
 from clora_runtime.tasks.verifier import VerifierError
 from clora_runtime.training.grpo import frac_zero_std, group_advantages, sequence_weights
 from clora_runtime.training.trainer import (
@@ -145,6 +156,8 @@ class Experiment:
     finishing: bool = False  # one thread has claimed the removal
     queue: list[Sample] = field(default_factory=list)
     queue_consumed: int = 0
+    run_id: str = ""  # the run its checkpoints and queue belong to (checkpoint.py)
+    records: list[Problem] | None = field(default=None, repr=False)  # its dataset, read at PUT
     task: Task | None = None
     task_spec_json: str = ""
     reward_fn: RewardFn | None = None
@@ -302,25 +315,45 @@ class Engine:
         spec: LoRAExperimentSpec,
         resume_from: str | None = None,
         verifier_token: str | None = None,
+        dataset_text: str | None = None,
     ) -> ExperimentState:
         """Add an experiment (admitted into a slot now) or update its mutable fields (applied from the
-        next tick on). Never waits for a running tick. `verifier_token`: task http's bearer token."""
+        next tick on). Never waits for a running tick. `verifier_token`: task http's bearer token;
+        `dataset_text`: a ConfigMap dataset's records (the PUT's datasetText).
+
+        A new experiment's dataset (and a changed task's) is read first, under no lock: a large file
+        delays this PUT alone. `resume_from` must lie in the experiment's own checkpoint folder; a PUT
+        without it starts a new run (checkpoint.py), one with it continues the checkpoint's run."""
         key = f"{namespace}/{name}"
+        # A glance without the lock (a dict read), checked again under it: this PUT never waits
+        # for the lock while it reads.
+        current = self._experiments.get(key)
+        task_before = current.spec.task if current is not None else None
+        source = self._dataset_source(dataset_text)
+        records = read_records(spec.task, source) if task_before != spec.task else None
         with self._lock:
             current = self._experiments.get(key)
+            if (current.spec.task if current is not None else None) != task_before:
+                raise ExperimentConflict(f"{key}: its task changed while this PUT was read; PUT again")
             if current is not None:
                 if verifier_token is not None:  # a rotated Secret applies from the next step
                     current.verifier_token = verifier_token
-                return self._update(current, spec)
-            self._validate_new(key, spec)
+                return self._update(current, spec, records)
+            task = self._validate_new(key, spec, records)
+            own = checkpoint.experiment_dir(self.config.checkpoint_dir, namespace, name)
+            run_id = checkpoint.new_run_id()
             if resume_from is not None:
                 # Refused now (HTTP 422) rather than failing the experiment at its first tick.
-                resume_from = str(checkpoint.resolve_resume(resume_from))
+                resume_from = str(checkpoint.resolve_resume(resume_from, own))
+                run_id = checkpoint.read_run(Path(resume_from))  # "": from before run ids
             if not spec.suspend and self.free_slots <= 0:
                 raise ExperimentConflict(
                     f"{key}: all {self.config.max_adapters} adapter slots of this runtime are taken"
                 )
-            exp = Experiment(namespace=namespace, name=name, spec=spec, verifier_token=verifier_token)
+            exp = Experiment(
+                namespace=namespace, name=name, spec=spec, verifier_token=verifier_token, run_id=run_id
+            )
+            self._set_task(exp, spec, records, task)
             exp.queue, exp.queue_consumed = self._read_queue(exp)
             self._removed.pop(key, None)
             self._experiments[key] = exp
@@ -336,8 +369,11 @@ class Engine:
             self._update_slot_metrics()
             return self._state(exp)
 
-    def _update(self, exp: Experiment, spec: LoRAExperimentSpec) -> ExperimentState:
-        """A PUT of an experiment the engine has (holds _lock)."""
+    def _update(
+        self, exp: Experiment, spec: LoRAExperimentSpec, records: list[Problem] | None
+    ) -> ExperimentState:
+        """A PUT of an experiment the engine has (holds _lock). `records`: the new task's dataset,
+        read by upsert when the task changed (None: the task did not change)."""
         key = exp.key
         if exp.spec == spec:
             return self._state(exp)
@@ -347,18 +383,22 @@ class Engine:
             raise ExperimentConflict(f"{key}: spec.lora is immutable (delete and re-create to change it)")
         if exp.spec.runtime != spec.runtime:
             raise ExperimentConflict(f"{key}: spec.runtime is immutable")
+        task = None
         if exp.spec.task != spec.task or exp.spec.training != spec.training:
-            self._validate_task(key, spec)
+            records = exp.records if exp.spec.task == spec.task else records
+            task = self._validate_task(key, spec, records)
         resumes = exp.phase == "Suspended" and not spec.suspend
         if resumes and self.free_slots <= 0:
             raise ExperimentConflict(f"{key}: no free adapter slot to resume into")
+        if task is not None:
+            self._set_task(exp, spec, records, task)
         exp.spec = spec
         if resumes:
             self._admit(exp, exp.last_checkpoint.path if exp.last_checkpoint else exp.resume_from)
             self._update_slot_metrics()
         return self._state(exp)
 
-    def _validate_new(self, key: str, spec: LoRAExperimentSpec) -> None:
+    def _validate_new(self, key: str, spec: LoRAExperimentSpec, records: list[Problem] | None) -> Task:
         if spec.lora.rank > self.config.max_rank:
             raise ExperimentConflict(
                 f"{key}: spec.lora.rank {spec.lora.rank} is above this runtime's maxRank"
@@ -366,15 +406,16 @@ class Engine:
             )
         if self.bank is not None:
             self.bank.resolve_targets(spec.lora.target_modules)
-        self._validate_task(key, spec)
+        return self._validate_task(key, spec, records)
 
-    def _validate_task(self, key: str, spec: LoRAExperimentSpec) -> None:
-        """The task and reward build; one row (the longest first-step prompt + maxNewTokens) fits the
-        training micro-batch budget, so that the experiment cannot fail on it later."""
-        task = build_task(spec.task, spec.training.seed)
+    def _validate_task(self, key: str, spec: LoRAExperimentSpec, records: list[Problem] | None) -> Task:
+        """The task (on its dataset's records) and reward build; one row (the longest first-step prompt
+        + maxNewTokens) fits the training micro-batch budget, so that the experiment cannot fail on it
+        later. Returns the task."""
+        task = build_task(spec.task, spec.training.seed, records)
         get_reward(spec.task.reward)
         if self.base is None:
-            return
+            return task
         try:
             problems = task.problems(0, spec.training.prompts_per_step) if spec.training.steps else []
         except Exception:  # the task fails at its first step, with its own message
@@ -391,6 +432,29 @@ class Engine:
                 f" {spec.training.max_new_tokens}) is {row} tokens, above this runtime's micro-batch"
                 f" budget of {self.sizes.micro_batch_tokens}"
             )
+        return task
+
+    @staticmethod
+    def _task_key(spec: LoRAExperimentSpec) -> str:
+        return spec.task.model_dump_json() + f"/{spec.training.seed}"
+
+    def _set_task(
+        self, exp: Experiment, spec: LoRAExperimentSpec, records: list[Problem] | None, task: Task
+    ) -> None:
+        """The experiment's dataset and the task built on it for `spec` (holds _lock): the tick uses
+        them as they are and never reads the dataset again."""
+        exp.records = records
+        exp.task, exp.reward_fn, exp.task_spec_json = task, get_reward(spec.task.reward), self._task_key(spec)
+
+    def _dataset_source(self, text: str | None) -> DatasetSource:
+        c = self.config
+        return DatasetSource(
+            roots=c.roots(),
+            checkpoint_dir=c.checkpoint_dir,
+            max_bytes=c.max_dataset_bytes,
+            max_record_chars=c.max_record_chars,
+            text=text,
+        )
 
     def remove(self, namespace: str, name: str) -> DeleteExperimentResponse:
         """Checkpoint the adapter and free its slot, now when no running tick holds it; else mark it
@@ -634,9 +698,9 @@ class Engine:
 
     def _task_of(self, exp: Experiment, spec: LoRAExperimentSpec) -> tuple[RewardFn, Task]:
         """The experiment's task and reward for this spec, rebuilt only when the task changed."""
-        task_json = spec.task.model_dump_json() + f"/{spec.training.seed}"
+        task_json = self._task_key(spec)
         if exp.task is None or exp.reward_fn is None or exp.task_spec_json != task_json:
-            exp.task = build_task(spec.task, spec.training.seed)
+            exp.task = build_task(spec.task, spec.training.seed, exp.records)
             exp.reward_fn = get_reward(spec.task.reward)
             exp.task_spec_json = task_json
         return exp.reward_fn, exp.task
@@ -917,6 +981,7 @@ class Engine:
             if resume:
                 state = checkpoint.load(self.bank, exp.key, Path(resume))
                 exp.step, exp.rewards, exp.queue_consumed = state.step, state.rewards, state.queue_consumed
+                exp.run_id = state.run_id  # a resume continues the checkpoint's run
                 exp.last_checkpoint = CheckpointRef(step=state.step, path=str(resume), time=None)
         except Exception as err:
             log.exception("admitting %s failed", exp.key)
@@ -992,6 +1057,7 @@ class Engine:
                 rewards=list(exp.rewards),
                 queue_consumed=exp.queue_consumed,
                 extra={"spec": exp.spec.wire()},
+                run_id=exp.run_id,
             )
             keep = exp.spec.checkpoint.keep
         directory = checkpoint.experiment_dir(self.config.checkpoint_dir, exp.namespace, exp.name)
@@ -1020,24 +1086,57 @@ class Engine:
         return exp.to_state(self.replica, self.publisher.status(exp.key))
 
     def _queue_path(self, exp: Experiment) -> Path:
-        return (
-            checkpoint.experiment_dir(self.config.checkpoint_dir, exp.namespace, exp.name) / "samples.jsonl"
-        )
+        """The experiment's run's queue of pushed samples: another run under the same name (a PUT
+        without resumeFrom) has a queue of its own. Run "" (before run ids) kept samples.jsonl."""
+        stem = f"samples-{exp.run_id}" if exp.run_id else "samples"
+        folder = checkpoint.experiment_dir(self.config.checkpoint_dir, exp.namespace, exp.name)
+        return folder / f"{stem}.jsonl"
 
     def _read_queue(self, exp: Experiment) -> tuple[list[Sample], int]:
-        """The persisted queue of a re-added experiment and how much of it was already trained on."""
+        """The persisted queue of a re-added experiment and how much of it was already trained on. A
+        line that does not parse (the last one torn by a crash while it was appended, whose POST was
+        never answered) is skipped with a warning, and a torn end cut off so that the next append
+        starts on a line of its own."""
         path = self._queue_path(exp)
         if not path.is_file():
             return [], 0
-        samples = [Sample.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
-        consumed_file = path.with_name("samples.consumed")
-        consumed = int(consumed_file.read_text()) if consumed_file.is_file() else 0
-        return samples, min(consumed, len(samples))
+        data = path.read_bytes()
+        samples: list[Sample] = []
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(Sample.model_validate_json(line))
+            except ValueError as err:
+                torn = number == len(lines)  # no newline after it: the write never finished
+                log.warning(
+                    "%s: %s line %d skipped (%s): %s",
+                    exp.key,
+                    path.name,
+                    number,
+                    "torn by a crash" if torn else "not a sample",
+                    str(err).splitlines()[0],
+                )
+        if not data.endswith(b"\n") and lines[-1].strip():
+            with path.open("r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+        consumed_file = path.with_name(path.stem + ".consumed")
+        try:
+            consumed = int(consumed_file.read_text()) if consumed_file.is_file() else 0
+        except ValueError:
+            log.warning("%s: %s is not a count; the queue starts at its beginning", exp.key, consumed_file)
+            consumed = 0
+        return samples, min(max(consumed, 0), len(samples))
 
     def _write_consumed(self, exp: Experiment) -> None:
-        path = self._queue_path(exp).with_name("samples.consumed")
-        staging = path.with_name(".samples.consumed.tmp")
-        staging.write_text(str(exp.queue_consumed))
+        queue = self._queue_path(exp)
+        path = queue.with_name(queue.stem + ".consumed")
+        staging = path.with_name(f".{path.name}.tmp")
+        with staging.open("w") as f:
+            f.write(str(exp.queue_consumed))
+            f.flush()
+            os.fsync(f.fileno())
         staging.replace(path)  # atomic: a crash leaves the old count or the new one
 
     def _update_slot_metrics(self) -> None:

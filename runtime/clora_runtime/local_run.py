@@ -56,9 +56,9 @@ class ManifestError(Exception):
 Secrets = dict[tuple[str, str], dict[str, str]]  # (namespace, name) -> key -> value
 
 
-def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Secrets]:
-    """The folder's LoRARuntimes, LoRAExperiments and Secrets (a verifier's token, as a cluster would
-    hold it: `data` base64-encoded or `stringData`)."""
+def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Secrets, Secrets]:
+    """The folder's LoRARuntimes, LoRAExperiments, Secrets (a verifier's token, as a cluster would
+    hold it: `data` base64-encoded or `stringData`) and ConfigMaps (a dataset's records, `data`)."""
     from clora import validation
 
     report = validation.validate([path])
@@ -68,6 +68,7 @@ def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Sec
     runtimes: list[LoRARuntime] = []
     experiments: list[LoRAExperiment] = []
     secrets: Secrets = {}
+    config_maps: Secrets = {}
     for manifest in manifests:
         if manifest.kind == "LoRARuntime":
             runtimes.append(LoRARuntime.model_validate(manifest.body))
@@ -76,7 +77,25 @@ def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Sec
         elif manifest.kind == "Secret":
             data = {k: base64.b64decode(v).decode() for k, v in (manifest.body.get("data") or {}).items()}
             secrets[(manifest.namespace, manifest.name)] = data | dict(manifest.body.get("stringData") or {})
-    return runtimes, experiments, secrets
+        elif manifest.kind == "ConfigMap":
+            config_maps[(manifest.namespace, manifest.name)] = dict(manifest.body.get("data") or {})
+    return runtimes, experiments, secrets, config_maps
+
+
+def dataset_text(experiment: LoRAExperiment, config_maps: Secrets) -> str | None:
+    """The records of spec.task.dataset.configMap from the folder's ConfigMaps (as the operator sends
+    them to a runtime pod); None for another dataset; ManifestError if absent."""
+    dataset = experiment.spec.task.dataset
+    if dataset is None or dataset.config_map is None:
+        return None
+    ref = dataset.config_map
+    value = config_maps.get((experiment.metadata.namespace, ref.name), {}).get(ref.key)
+    if value is None:
+        raise ManifestError(
+            f"LoRAExperiment {experiment.metadata.name}: spec.task.dataset.configMap: no ConfigMap"
+            f" {ref.name} with key {ref.key} in the folder"
+        )
+    return value
 
 
 def verifier_token(experiment: LoRAExperiment, secrets: Secrets) -> str | None:
@@ -164,10 +183,11 @@ class Stopper:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        runtimes, experiments, secrets = load_folder(args.filename)
+        runtimes, experiments, secrets, config_maps = load_folder(args.filename)
         runtime, chosen = choose(runtimes, experiments, args.runtime)
         specs = {}
         tokens = {(e.metadata.namespace, e.metadata.name): verifier_token(e, secrets) for e in chosen}
+        texts = {(e.metadata.namespace, e.metadata.name): dataset_text(e, config_maps) for e in chosen}
         for exp in chosen:
             spec = exp.spec
             if args.steps is not None:
@@ -185,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     except ManifestError as err:
         print(f"clora run: {err}", file=sys.stderr)
         return 1
-    return _run(args, runtime, chosen, specs, tokens)
+    return _run(args, runtime, chosen, specs, tokens, texts)
 
 
 def _run(
@@ -194,6 +214,7 @@ def _run(
     chosen: list[LoRAExperiment],
     specs: dict,
     tokens: dict[tuple[str, str], str | None],
+    texts: dict[tuple[str, str], str | None],
 ) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -219,6 +240,9 @@ def _run(
         max_rank=cap.max_rank,
         tokens_per_tick=cap.tokens_per_tick,
         checkpoint_dir=output / "checkpoints",
+        # Dataset paths may name files beside the manifests or under the working directory (as the
+        # examples' relative paths do); the runtime of a cluster reads only its mounted volumes.
+        dataset_roots=[_manifest_folder(args.filename), Path.cwd()],
         threads=args.threads,
     )
     if runtime.spec.replicas > 1:
@@ -254,7 +278,7 @@ def _run(
         while waiting and engine.free_slots > 0:
             key = waiting.pop(0)
             try:
-                engine.upsert(key[0], key[1], specs[key], None, tokens[key])
+                engine.upsert(key[0], key[1], specs[key], None, tokens[key], texts[key])
             except Exception as err:  # a bad experiment fails alone
                 t = tracked[key]
                 t.phase, t.message = "Failed", str(err)
@@ -343,6 +367,11 @@ def _run(
     if interrupted:
         return 130
     return 0 if all(t.phase == "Succeeded" for t in tracked.values()) else 1
+
+
+def _manifest_folder(filename: str) -> Path:
+    path = Path(filename).resolve()
+    return path if path.is_dir() else path.parent
 
 
 def _mean(values: list[float]) -> float | None:

@@ -45,7 +45,7 @@ def run(request: WorkerRequest) -> WorkerResult:
     from trl import GRPOConfig, GRPOTrainer
 
     from clora_runtime.models.loading import load_model
-    from clora_runtime.tasks import build_task, get_reward
+    from clora_runtime.tasks import DatasetSource, build_task, get_reward, read_records
 
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -55,7 +55,7 @@ def run(request: WorkerRequest) -> WorkerResult:
     steps = t.steps or 1
     base = load_model(request.model, request.device, request.dtype)
     loaded_at = time.time()
-    task = build_task(spec.task, t.seed)
+    task = build_task(spec.task, t.seed, read_records(spec.task, DatasetSource()))
     reward_fn = get_reward(spec.task.reward)
 
     rows: list[dict[str, Any]] = []

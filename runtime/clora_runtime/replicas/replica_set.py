@@ -73,6 +73,7 @@ class _Placed:
     resume_from: str | None
     replica: int
     verifier_token: str | None = field(default=None, repr=False)
+    dataset_text: str | None = field(default=None, repr=False)  # a ConfigMap dataset's records
     removing: bool = False  # DELETE came while its replica was down
 
 
@@ -260,29 +261,36 @@ class ReplicaSet:
         spec: LoRAExperimentSpec,
         resume_from: str | None = None,
         verifier_token: str | None = None,
+        dataset_text: str | None = None,
     ) -> ExperimentState:
         key = f"{namespace}/{name}"
         with self._lock:
             placed = self._placed.get(key)
             known = placed.replica if placed is not None else self._reserved.get(key, (None, 0))[0]
         if known is not None:  # an update (or a PUT racing the admission of the same new key)
-            state = self._value(known, "upsert", namespace, name, spec, resume_from, verifier_token)
+            state = self._value(
+                known, "upsert", namespace, name, spec, resume_from, verifier_token, dataset_text
+            )
             with self._lock:
                 if key in self._placed:
                     self._placed[key].spec = spec
                     if verifier_token is not None:
                         self._placed[key].verifier_token = verifier_token
+                    if dataset_text is not None:
+                        self._placed[key].dataset_text = dataset_text
                 else:  # this PUT added it: the racing one failed or has not answered yet
-                    self._placed[key] = _Placed(spec, resume_from, known, verifier_token)
+                    self._placed[key] = _Placed(spec, resume_from, known, verifier_token, dataset_text)
             return self._seen(state)
         replica = self._choose(key, spec)
         try:
-            state = self._value(replica, "upsert", namespace, name, spec, resume_from, verifier_token)
+            state = self._value(
+                replica, "upsert", namespace, name, spec, resume_from, verifier_token, dataset_text
+            )
         finally:
             with self._lock:
                 self._reserved.pop(key, None)
         with self._lock:
-            self._placed[key] = _Placed(spec, resume_from, replica, verifier_token)
+            self._placed[key] = _Placed(spec, resume_from, replica, verifier_token, dataset_text)
             self._removed_here.pop(key, None)
         return self._seen(state)
 
@@ -542,7 +550,14 @@ class ReplicaSet:
                 continue
             try:
                 answer: Answer = self._call(
-                    replica, "resume", namespace, name, placed.spec, placed.resume_from, placed.verifier_token
+                    replica,
+                    "resume",
+                    namespace,
+                    name,
+                    placed.spec,
+                    placed.resume_from,
+                    placed.verifier_token,
+                    placed.dataset_text,
                 )
             except ReplicaUnavailable:
                 return  # lost again; the next poll starts over

@@ -94,17 +94,31 @@ class ReplicaWorker:
         )
 
     def upsert(
-        self, namespace: str, name: str, spec: LoRAExperimentSpec, resume_from: str | None, token: str | None
+        self,
+        namespace: str,
+        name: str,
+        spec: LoRAExperimentSpec,
+        resume_from: str | None,
+        token: str | None,
+        dataset_text: str | None = None,
     ) -> Answer:
-        return self._answer(lambda: self.engine.upsert(namespace, name, spec, resume_from, token), wake=True)
+        return self._answer(
+            lambda: self.engine.upsert(namespace, name, spec, resume_from, token, dataset_text), wake=True
+        )
 
     def resume(
-        self, namespace: str, name: str, spec: LoRAExperimentSpec, fallback: str | None, token: str | None
+        self,
+        namespace: str,
+        name: str,
+        spec: LoRAExperimentSpec,
+        fallback: str | None,
+        token: str | None,
+        dataset_text: str | None = None,
     ) -> Answer:
         """Re-admit an experiment this replica held before it restarted: from the newest checkpoint in
         its folder, else from `fallback` (the resumeFrom it first came with), else from the start."""
         newest = self.newest_checkpoint(namespace, name)
-        return self.upsert(namespace, name, spec, newest.path if newest else fallback, token)
+        return self.upsert(namespace, name, spec, newest.path if newest else fallback, token, dataset_text)
 
     def newest_checkpoint(self, namespace: str, name: str) -> CheckpointRef | None:
         from clora_runtime import checkpoint

@@ -61,6 +61,7 @@ class EngineAPI(Protocol):
         spec: LoRAExperimentSpec,
         resume_from: str | None = None,
         verifier_token: str | None = None,
+        dataset_text: str | None = None,
     ) -> ExperimentState: ...
     def remove(self, namespace: str, name: str) -> DeleteExperimentResponse: ...
     def push_samples(self, namespace: str, name: str, samples: list[Sample]) -> int: ...
@@ -262,7 +263,9 @@ def create_app(
                 f" {body.spec.tokens_per_tick()} tokens per step, above this runtime's tokensPerTick {budget}"
             )
         state = _checked(
-            lambda: engine.upsert(namespace, name, body.spec, body.resume_from, body.verifier_token)
+            lambda: engine.upsert(
+                namespace, name, body.spec, body.resume_from, body.verifier_token, body.dataset_text
+            )
         )
         loop.wake()
         return state

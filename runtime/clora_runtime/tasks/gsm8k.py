@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from clora_runtime.tasks.base import Problem, Task
@@ -18,27 +17,43 @@ def reference_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def parse_jsonl(text: str, origin: str, problem: Callable[[Any], Problem], what: str) -> list[Problem]:
-    """One Problem per JSONL line (`problem` reads a record); ValueError naming the line otherwise."""
+def parse_jsonl(
+    lines: Iterable[str],
+    origin: str,
+    problem: Callable[[Any], Problem],
+    what: str,
+    max_chars: int | None = None,
+) -> list[Problem]:
+    """One Problem per JSONL line (`problem` reads a record); ValueError naming the line otherwise,
+    also for a prompt or an answer longer than `max_chars` (a record no step could afford)."""
     problems: list[Problem] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            problems.append(problem(json.loads(line)))
+            record = problem(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{origin}:{number}: not a record with {what} ({err})") from err
+        if max_chars is not None:
+            for part, text in (("prompt", record.prompt), ("answer", record.answer)):
+                if len(text) > max_chars:
+                    raise ValueError(
+                        f"{origin}:{number}: its {part} is {len(text)} characters, above this runtime's"
+                        f" limit of {max_chars} per record (--max-record-chars)"
+                    )
+        problems.append(record)
     if not problems:
         raise ValueError(f"{origin}: no records")
     return problems
 
 
-def parse_records(text: str, origin: str) -> list[Problem]:
+def parse_records(lines: Iterable[str], origin: str, max_chars: int | None = None) -> list[Problem]:
     return parse_jsonl(
-        text,
+        lines,
         origin,
         lambda r: Problem(prompt=str(r["question"]), answer=reference_answer(str(r["answer"]))),
         "question and answer",
+        max_chars,
     )
 
 
@@ -49,13 +64,6 @@ class Gsm8kTask(Task):
         self.records = records
         self.seed = seed
         self.instruction = instruction
-
-    @classmethod
-    def from_file(cls, path: str | Path, seed: int, instruction: str = "") -> Gsm8kTask:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"spec.task.dataset.path: {path} is not a file in this runtime")
-        return cls(parse_records(path.read_text(), str(path)), seed, instruction)
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.records)))

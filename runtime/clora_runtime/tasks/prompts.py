@@ -4,6 +4,7 @@ experiment then trains on pushed samples only."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from clora_runtime.tasks.base import Problem
@@ -17,8 +18,8 @@ def _problem(record: Any) -> Problem:
     return Problem(str(record["prompt"]), str(record.get("answer", "")), metadata)
 
 
-def parse_prompt_records(text: str, origin: str) -> list[Problem]:
-    return parse_jsonl(text, origin, _problem, "a prompt")
+def parse_prompt_records(lines: Iterable[str], origin: str, max_chars: int | None = None) -> list[Problem]:
+    return parse_jsonl(lines, origin, _problem, "a prompt", max_chars)
 
 
 class PromptsTask(Gsm8kTask):
