@@ -43,12 +43,15 @@ Path(out, "state.json").write_text(json.dumps({"step": state.step, "checkpoint":
 """.replace("K_STEPS", str(K))
 
 
-def run(tmp_path: Path, steps: int, name: str, resume: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+def run(
+    tmp_path: Path, steps: int, name: str, resume: str = "", ckpt: str = ""
+) -> tuple[dict[str, torch.Tensor], dict]:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     out = tmp_path / name
+    folder = tmp_path / f"ckpt-{ckpt or name}"
     subprocess.run(
-        [sys.executable, str(script), str(steps), str(tmp_path / f"ckpt-{name}"), str(out), resume],
+        [sys.executable, str(script), str(steps), str(folder), str(out), resume],
         check=True,
         timeout=300,
     )
@@ -59,7 +62,10 @@ def test_resume_in_a_new_process_continues_exactly(tmp_path: Path) -> None:
     straight, straight_state = run(tmp_path, 2 * K, "straight")
     _, half_state = run(tmp_path, K, "half")
     assert half_state["step"] == K
-    resumed, resumed_state = run(tmp_path, 2 * K, "resumed", resume=half_state["checkpoint"])
+    # A new process on the same checkpoint folder (resumeFrom lies in the experiment's own folder).
+    checkpoints = sorted(p.name for p in (tmp_path / "ckpt-half" / "ns" / "x").iterdir())
+    state = json.loads((tmp_path / "ckpt-half" / "ns" / "x" / checkpoints[0] / "state.json").read_text())
+    resumed, resumed_state = run(tmp_path, 2 * K, "resumed", resume=half_state["checkpoint"], ckpt="half")
     assert straight_state["step"] == resumed_state["step"] == 2 * K
 
     weight_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in straight.values()))
@@ -68,23 +74,28 @@ def test_resume_in_a_new_process_continues_exactly(tmp_path: Path) -> None:
     assert learned > 0
     assert diff_norm <= 1e-6 * weight_norm
 
-    checkpoints = sorted(p.name for p in (tmp_path / "ckpt-half" / "ns" / "x").iterdir())
-    assert checkpoints == [f"step-{K:08d}"]  # keep: 1, and no staging folder left behind
-    state = json.loads((tmp_path / "ckpt-half" / "ns" / "x" / checkpoints[0] / "state.json").read_text())
+    assert checkpoints == [f"step-{K:08d}-{state['runId']}"]  # keep: 1, and no staging folder left behind
     assert state["step"] == K and len(state["rewards"]) == K
+    # The resumed process continued the run it resumed from (and pruned its step K: keep 1).
+    resumed_dir = Path(resumed_state["checkpoint"]).parent
+    assert [p.name for p in resumed_dir.iterdir()] == [f"step-{2 * K:08d}-{state['runId']}"]
 
 
 def test_resolve_resume_takes_a_newer_sibling_when_the_named_checkpoint_was_pruned(tmp_path: Path) -> None:
     from clora_runtime.checkpoint import resolve_resume
 
     run = tmp_path / "ns" / "exp"
-    for step in (30, 40):
-        (run / f"step-{step:08d}").mkdir(parents=True)
-        (run / f"step-{step:08d}" / "adapter_model.safetensors").write_bytes(b"x")
-    assert resolve_resume(str(run / "step-00000030")) == run / "step-00000030"
-    # step 20 was pruned after the operator last saw it: the newest one of the same run is used.
-    assert resolve_resume(str(run / "step-00000020")) == run / "step-00000040"
+    for name in ("step-00000030-aa", "step-00000040-aa", "step-00000050-bb", "step-00000045"):
+        (run / name).mkdir(parents=True)
+        (run / name / "adapter_model.safetensors").write_bytes(b"x")
+    assert resolve_resume(str(run / "step-00000030-aa"), run) == run / "step-00000030-aa"
+    # step 20 was pruned after the operator last saw it: the newest one of the same run is used,
+    # never another run's (bb), nor one from before run ids.
+    assert resolve_resume(str(run / "step-00000020-aa"), run) == run / "step-00000040-aa"
+    assert resolve_resume(str(run / "step-00000020"), run) == run / "step-00000045"
     with pytest.raises(ValueError, match="resumeFrom"):
-        resolve_resume(str(run / "step-00000050"))  # nothing newer: refused
+        resolve_resume(str(run / "step-00000060-aa"), run)  # nothing newer: refused
     with pytest.raises(ValueError, match="resumeFrom"):
-        resolve_resume(str(tmp_path / "elsewhere"))
+        resolve_resume(str(run / "elsewhere"), run)
+    with pytest.raises(ValueError, match=r"resumeFrom: .* not a checkpoint of this experiment"):
+        resolve_resume(str(run / "step-00000030-aa"), tmp_path / "ns" / "other")

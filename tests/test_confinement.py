@@ -106,15 +106,15 @@ def test_a_torn_queue_line_is_skipped_and_stale_staging_is_removed(
     (queue,) = folder.glob("samples*.jsonl")
     with queue.open("a") as f:
         f.write('{"prompt": "torn by a cra')
-    run = json.loads((Path(ref.path) / "state.json").read_text())["runId"]
-    stale = folder / f".{checkpoint.folder_name(7, run)}.x1y2"
-    stale.mkdir()
-    (stale / "adapter_model.safetensors").write_bytes(b"half")
-
     engine.upsert("ns", "live", continual(spec_factory), resume_from=ref.path)
     assert engine.push_samples("ns", "live", samples("next", 1)) == 2  # one left + one; torn skipped
     lines = queue.read_text().splitlines()
     assert len(lines) == 4 and all(Sample.model_validate_json(line) for line in lines)
+
+    run = json.loads((Path(ref.path) / "state.json").read_text())["runId"]
+    stale = folder / f".{checkpoint.folder_name(7, run)}.x1y2"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
     assert engine.tick() is not None  # checkpoints (everySteps 1)
     assert not stale.exists()
 

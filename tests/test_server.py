@@ -163,13 +163,16 @@ def test_lifecycle(api: httpx.Client, server: RuntimeServer) -> None:
     assert {g["lr"] for g in optimizer["param_groups"]} == {2.5e-4}
 
     # Re-added with that checkpoint, a resumes at the step it left: the PUT's answer already says so
-    # (never step 0 until a tick), and so does a resume parked as suspended.
+    # (never step 0 until a tick), and so does a resume parked as suspended. Another experiment
+    # cannot resume from it (issue 17, item 6).
     parked = {**spec(), "suspend": True}
     r = put(api, ns, "parked", parked, resumeFrom=checkpoint["path"])
+    assert r.status_code == 422 and "resumeFrom" in r.json()["detail"], r.text
+    r = put(api, ns, "a", parked, resumeFrom=checkpoint["path"])
     assert r.status_code == 200, r.text
     assert (r.json()["phase"], r.json()["step"]) == ("Suspended", checkpoint["step"])
     assert r.json()["lastCheckpoint"]["path"] == checkpoint["path"]
-    assert delete(api, ns, "parked").json()["checkpoint"]["path"] == checkpoint["path"]
+    assert delete(api, ns, "a").json()["checkpoint"]["path"] == checkpoint["path"]
     r = put(api, ns, "a", spec(), resumeFrom=checkpoint["path"])
     assert r.status_code == 200, r.text
     assert r.json()["step"] == checkpoint["step"]
@@ -236,6 +239,19 @@ def test_not_found(api: httpx.Client) -> None:
         (
             {"spec": {**spec(), "lora": {"rank": 4, "targetModules": ["nope_proj"]}}},
             "spec.lora.targetModules",
+        ),
+        (
+            {"spec": {**spec(), "task": {"name": "gsm8k", "dataset": {"path": "/etc/hostname"}}}},
+            "spec.task.dataset.path: /etc/hostname is outside this runtime's dataset roots",
+        ),
+        (
+            {
+                "spec": {
+                    **spec(),
+                    "task": {"name": "gsm8k", "dataset": {"configMap": {"name": "d", "key": "k"}}},
+                }
+            },
+            "spec.task.dataset.configMap: the PUT carries no datasetText",
         ),
         ({}, "spec: required"),
         ({"spec": spec(), "resumeFrom": 3}, "resumeFrom"),
@@ -353,20 +369,18 @@ def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
     assert put(api, ns, "neighbour", spec()).status_code == 200
     wait_steps(api, ns, "neighbour", 1)
 
-    # A task that raises: its dataset is fine when the experiment is added (suspended), broken by
-    # the time it starts.
+    # A broken dataset is refused when it is read, at the PUT, naming its line.
     dataset = tmp_path / "gsm8k.jsonl"
-    dataset.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
-    gsm8k = {**spec(), "task": {"name": "gsm8k", "dataset": {"path": str(dataset)}}}
-    assert put(api, ns, "bad-task", {**gsm8k, "suspend": True}).status_code == 200
     dataset.write_text('{"question": "What is 2 + 3?"}\n')  # no answer
-    assert put(api, ns, "bad-task", {**gsm8k, "suspend": False}).status_code == 200
+    gsm8k = {**spec(), "task": {"name": "gsm8k", "dataset": {"path": str(dataset)}}}
+    r = put(api, ns, "bad-task", gsm8k)
+    assert r.status_code == 422 and "spec.task.dataset.path" in r.text and "gsm8k.jsonl:1" in r.text, r.text
 
     # A non-finite loss: resumed from a checkpoint whose adapter weights are NaN.
     assert put(api, ns, "donor", spec()).status_code == 200
     wait_steps(api, ns, "donor", 1)
     donor = Path(delete(api, ns, "donor").json()["checkpoint"]["path"])
-    poisoned = tmp_path / "poisoned"
+    poisoned = donor.parent.parent / "nan-loss" / donor.name  # its own folder: resumeFrom lies there
     shutil.copytree(donor, poisoned)
     weights = load_file(poisoned / "adapter_model.safetensors")
     save_file(
@@ -375,10 +389,6 @@ def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
     )
     assert put(api, ns, "nan-loss", spec(), resumeFrom=str(poisoned)).status_code == 200
 
-    bad_task = wait_for(
-        lambda: (s := state(api, ns, "bad-task"))["phase"] == "Failed" and s, what="task failure"
-    )
-    assert "answer" in bad_task["message"] or str(dataset) in bad_task["message"]
     nan_loss = wait_for(
         lambda: (s := state(api, ns, "nan-loss"))["phase"] == "Failed" and s, what="loss failure"
     )
@@ -389,7 +399,7 @@ def test_failures_stay_alone(api: httpx.Client, tmp_path: Path) -> None:
     wait_steps(api, ns, "neighbour", after + 2)
     assert state(api, ns, "neighbour")["phase"] == "Running"
     assert httpx.get(f"{api.base_url}/readyz").status_code == 200
-    for name in ("neighbour", "bad-task", "nan-loss"):
+    for name in ("neighbour", "nan-loss"):
         assert delete(api, ns, name).status_code == 200
 
 
