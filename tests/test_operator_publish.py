@@ -6,6 +6,7 @@ version say so."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import kmock
@@ -92,7 +93,9 @@ async def test_published_versions_move_the_experiments_model_adapter(tmp_path: P
 
             await cluster.wait_for(
                 "the ModelAdapter at step 30",
-                lambda: adapter().get("spec", {}).get("artifactURL", "").endswith("/published/step-00000030"),
+                lambda: re.search(
+                    r"/published/step-00000030-[0-9a-f]+$", adapter().get("spec", {}).get("artifactURL", "")
+                ),
             )
             body = adapter()
             assert body["spec"]["podSelector"] == {"matchLabels": {"model.aibrix.ai/name": "tiny"}}
@@ -101,5 +104,6 @@ async def test_published_versions_move_the_experiments_model_adapter(tmp_path: P
             # The copy it points at is whole, and outlives checkpoint pruning (keep 1); the runtime
             # published twice, step 20 and the final step 30 (step 10 was not due), keeping both copies.
             assert (Path(body["spec"]["artifactURL"]) / "adapter_model.safetensors").is_file()
-            copies = sorted(p.name for p in Path(body["spec"]["artifactURL"]).parent.iterdir())
-            assert copies == ["step-00000020", "step-00000030"]
+            folder = Path(body["spec"]["artifactURL"]).parent
+            copies = sorted(p.name[: len("step-00000020")] for p in folder.iterdir())
+            assert copies == ["step-00000020", "step-00000030"]  # named step-N-<run id>

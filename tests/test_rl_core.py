@@ -205,9 +205,12 @@ def test_pushed_samples_are_trained_exactly_once_in_order_across_a_restart(
     record(engine.tick())  # at most part of what is left
     assert trained == pushed[: len(trained)] and len(trained) < 25
 
-    # a new process on the same folder trains what was left, and nothing twice
+    # a new process on the same folder, resuming the run from its checkpoint (a queue belongs to
+    # its run: issue 17, item 6), trains what was left, and nothing twice
+    engine.checkpoint_all()
+    resume = engine.state("ns", "live").last_checkpoint.path
     engine = tiny_engine(checkpoint_dir=ckpt)
-    engine.upsert("ns", "live", spec)
+    engine.upsert("ns", "live", spec, resume_from=resume)
     thread = threading.Thread(target=pusher, args=(pushed[25:],))
     thread.start()
     while thread.is_alive():

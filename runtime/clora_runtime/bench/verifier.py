@@ -92,7 +92,11 @@ def verifier_bench(
             )
             engine = Engine(
                 EngineConfig(
-                    model=model, device="cpu", checkpoint_dir=Path(tmp) / "ck", max_adapters=experiments
+                    model=model,
+                    device="cpu",
+                    checkpoint_dir=Path(tmp) / "ck",
+                    max_adapters=experiments,
+                    dataset_roots=[Path(tmp)],
                 ),
                 RuntimeMetrics.create(),
             )
