@@ -30,6 +30,8 @@ def check(
         parsed = LoRAExperimentSpec.model_validate(spec)
     except ValueError as e:
         return REASON_INVALID, f"spec: {e}"
+    except RecursionError:
+        return REASON_INVALID, "spec: nested too deeply to read"
     if runtime is None:
         return (
             REASON_UNKNOWN_RUNTIME,

@@ -25,6 +25,7 @@ from clora.constants import (
     COND_RUNNING,
     COND_SCHEDULED,
     COND_SUCCEEDED,
+    MAX_MESSAGE_LENGTH,
     REASON_ADMITTED,
     REASON_CHECKPOINTED,
     REASON_INVALID,
@@ -69,6 +70,13 @@ RUNTIME_TO_PHASE = {
 def timestamp(when: datetime) -> str:
     """RFC 3339 in UTC at second precision, as the API server writes times."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def bounded(message: str) -> str:
+    """A message cut to the CRD's maxLength: a longer one would make the API server refuse the write."""
+    if len(message) <= MAX_MESSAGE_LENGTH:
+        return message
+    return message[: MAX_MESSAGE_LENGTH - 15] + " ... (cut)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +135,7 @@ def set_condition(
         "type": type_,
         "status": status,
         "reason": reason,
-        "message": message,
+        "message": bounded(message),
         "lastTransitionTime": since or timestamp(now),
     }
     if generation is not None:
@@ -228,7 +236,7 @@ def experiment_status(
         "published": published,
         "startTime": start,
         "completionTime": completion,
-        "message": obs.message,
+        "message": bounded(obs.message),
         "observedGeneration": generation,
         "conditions": conditions,
     }
