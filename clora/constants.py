@@ -72,6 +72,10 @@ REASON_TOKEN_BUDGET_TOO_HIGH = "TokenBudgetAboveTokensPerTick"
 REASON_RUNTIME_REJECTED = "RuntimeRejected"
 REASON_DELETED = "Deleted"
 REASON_WAITING_FOR_KUEUE = "WaitingForKueue"
+# A LoRARuntime the operator refuses to build pods for (its Ready condition says which field).
+REASON_HOST_PATH_NOT_ALLOWED = "HostPathNotAllowed"
+REASON_IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+REASON_SECRET_NOT_OWNED = "TokenSecretNotOwned"
 
 # What the operator puts on the runtime pods and Secrets it creates (LABEL_COMPONENT / LABEL_MANAGED_BY).
 COMPONENT_RUNTIME = "runtime"

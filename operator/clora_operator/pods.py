@@ -112,6 +112,21 @@ def build_token_secret(runtime: LoRARuntime, token: str) -> dict[str, Any]:
     }
 
 
+def owns_token_secret(runtime: LoRARuntime, secret: Mapping[str, Any]) -> bool:
+    """Whether `secret` is the token Secret clora created for this LoRARuntime: clora's labels and
+    this runtime as its controlling owner (by uid, when the runtime has one)."""
+    meta = secret.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in labels_for(runtime.metadata.name).items()):
+        return False
+    owners = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]
+    return len(owners) == 1 and (
+        owners[0].get("kind") == RUNTIME_KIND
+        and owners[0].get("name") == runtime.metadata.name
+        and (not runtime.metadata.uid or owners[0].get("uid") == runtime.metadata.uid)
+    )
+
+
 def runtime_args(runtime: LoRARuntime) -> list[str]:
     """The `clora runtime` arguments for one pod of this pool."""
     spec = runtime.spec

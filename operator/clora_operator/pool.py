@@ -37,6 +37,7 @@ import kopf
 from clora.api import TERMINAL_PHASES, LoRARuntime
 from clora.api.runtime_api import CheckpointRef, ExperimentState, spec_digest
 from clora.constants import (
+    COND_READY,
     EXPERIMENT_KIND,
     LABEL_KUEUE_QUEUE,
     REASON_ADMITTED,
@@ -49,12 +50,21 @@ from clora.constants import (
     REASON_RESUMED,
     REASON_RUNTIME_LOST,
     REASON_RUNTIME_REJECTED,
+    REASON_SECRET_NOT_OWNED,
     REASON_SUSPENDED,
     REASON_WAITING_FOR_KUEUE,
+    TOKEN_SECRET_KEY,
 )
-from clora_operator import k8s, scheduler
+from clora_operator import admission, k8s, scheduler
 from clora_operator.model_adapters import model_adapter
-from clora_operator.pods import PodInfo, build_token_secret, plan_pods, pod_info, secret_name
+from clora_operator.pods import (
+    PodInfo,
+    build_token_secret,
+    owns_token_secret,
+    plan_pods,
+    pod_info,
+    secret_name,
+)
 from clora_operator.runtime_client import RuntimeRejected, RuntimeUnavailable
 from clora_operator.state import ExperimentRecord, OperatorState, PodView, Pool, Written
 from clora_operator.status import (
@@ -205,17 +215,30 @@ def _scheduled_at(status: dict[str, Any]) -> float:
 # Pods and Secret.
 
 
+class ForeignSecret(Exception):
+    """The runtime's token Secret exists but was not created by clora for this LoRARuntime."""
+
+
 async def ensure_token(state: OperatorState, runtime: LoRARuntime) -> str:
-    """The pool's bearer token: read from its Secret, or generated once and stored there."""
+    """The pool's bearer token: read from its Secret, or generated once and stored there. A Secret of
+    that name that clora did not create for this runtime is never adopted (ForeignSecret): whoever
+    wrote it would know the token of the pods the operator builds."""
     ns, name = runtime.metadata.namespace, runtime.metadata.name
-    token = await state.kube.read_token(ns, secret_name(name))
-    if token:
-        return token
-    await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
-    # Read back: if another replica created it first, its token wins.
-    token = await state.kube.read_token(ns, secret_name(name))
+    secret = await state.kube.get_secret(ns, secret_name(name))
+    if secret is None:
+        await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
+        # Read back: if another replica created it first, its token wins.
+        secret = await state.kube.get_secret(ns, secret_name(name))
+        if secret is None:
+            raise RuntimeError(f"Secret {secret_name(name)} is gone right after its creation")
+    if not owns_token_secret(runtime, secret):
+        raise ForeignSecret(
+            f"Secret {secret_name(name)} exists but was not created by clora for this LoRARuntime (its"
+            " labels or owner differ); clora never adopts it: delete or rename it"
+        )
+    token = k8s.secret_value(secret, TOKEN_SECRET_KEY)
     if not token:
-        raise RuntimeError(f"Secret {secret_name(name)} has no token after creation")
+        raise RuntimeError(f"Secret {secret_name(name)} has no key {TOKEN_SECRET_KEY}")
     return token
 
 
@@ -489,8 +512,16 @@ async def reconcile(
 ) -> None:
     """One pass over a pool: its Secret and pods, then every experiment that names it."""
     pool = state.pool(runtime.metadata.namespace, runtime.metadata.name)
-    if pool.token is None:
-        pool.token = await ensure_token(state, runtime)
+    refused = admission.runtime_refusal(runtime, state.config)
+    if refused is None and pool.token is None:
+        try:
+            pool.token = await ensure_token(state, runtime)
+        except ForeignSecret as e:
+            refused = (REASON_SECRET_NOT_OWNED, str(e))
+    if refused is not None:
+        # No pod is built or kept for it; its experiments wait, and its status says why.
+        await _refuse(state, pool, runtime, refused, logger)
+        return
     occupied = frozenset(placements(pool, records()).values())  # pods never replaced as stale
     await _reconcile_pods(state, pool, runtime, occupied, logger)
     keep_pollers(state, pool, records, logger)
@@ -801,8 +832,26 @@ async def _show_suspended(state: OperatorState, pool: Pool, records: list[Experi
     await asyncio.gather(*writes)
 
 
+async def _refuse(
+    state: OperatorState, pool: Pool, runtime: LoRARuntime, refused: tuple[str, str], logger: logging.Logger
+) -> None:
+    reason, message = refused
+    current = pool.status or (runtime.status.model_dump(mode="json", by_alias=True) if runtime.status else {})
+    ready = next((c for c in current.get("conditions") or [] if c.get("type") == COND_READY), {})
+    if ready.get("reason") != reason:
+        logger.warning("LoRARuntime %s/%s refused: %s", pool.namespace, pool.name, message)
+        k8s.post_event(
+            k8s.runtime_ref(pool.namespace, pool.name, runtime.metadata.uid), reason, message, warning=True
+        )
+    await _write_runtime_status(state, pool, runtime, [], refused)
+
+
 async def _write_runtime_status(
-    state: OperatorState, pool: Pool, runtime: LoRARuntime, records: list[ExperimentRecord]
+    state: OperatorState,
+    pool: Pool,
+    runtime: LoRARuntime,
+    records: list[ExperimentRecord],
+    refused: tuple[str, str] | None = None,
 ) -> None:
     where = placements(pool, records)
     pods = []
@@ -824,6 +873,7 @@ async def _write_runtime_status(
         slots_per_pod=runtime.spec.slots_per_pod(),
         generation=runtime.metadata.generation,
         now=_now(),
+        refused=refused,
     )
     patch = status_patch(current, desired)
     if patch is not None and await state.kube.patch_runtime_status(pool.namespace, pool.name, patch):

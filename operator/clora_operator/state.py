@@ -66,7 +66,7 @@ class ExperimentRecord:
             # Nested deeper than this process can walk: kept as an unparsed record (the validation
             # handler fails it), so it holds up no other experiment.
             raw = {"metadata": dict(body.get("metadata") or {}), "status": dict(body.get("status") or {})}
-            problem = "spec: nested too deeply to read"
+            problem = "nested too deeply to read"
         meta = raw.get("metadata") or {}
         spec = raw.get("spec") or {}
         if not problem:

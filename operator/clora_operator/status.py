@@ -388,14 +388,19 @@ def runtime_status(
     slots_per_pod: int,
     generation: int | None,
     now: datetime,
+    refused: tuple[str, str] | None = None,
 ) -> Status:
     """A LoRARuntime's status from its pods, each {name, node, ready, experiments, slotsFree}.
-    `slots_per_pod` is replicas x maxAdapters."""
+    `slots_per_pod` is replicas x maxAdapters. `refused` (reason, message): the operator builds no
+    pods for it (a field the chart does not allow, a token Secret it did not create)."""
     ready = [p for p in pods if p["ready"]]
     used = sum(len(p["experiments"]) for p in ready)
     conds = list((current or {}).get("conditions") or [])
     kw: dict[str, Any] = {"now": now, "generation": generation}
-    if ready:
+    if refused is not None:
+        conds = set_condition(conds, COND_READY, "False", *refused, **kw)
+        conds = set_condition(conds, COND_DEGRADED, "True", *refused, **kw)
+    elif ready:
         conds = set_condition(
             conds, COND_READY, "True", "PodsReady", f"{len(ready)} of {len(pods)} ready", **kw
         )
@@ -403,10 +408,10 @@ def runtime_status(
         conds = set_condition(conds, COND_READY, "False", "NoReadyPods", "no runtime pod is ready", **kw)
     else:
         conds = set_condition(conds, COND_READY, "False", "NoMatchingNodes", "no node matches", **kw)
-    if len(ready) < len(pods):
-        down = sorted(p["name"] for p in pods if not p["ready"])
+    down = sorted(p["name"] for p in pods if not p["ready"])
+    if refused is None and down:
         conds = set_condition(conds, COND_DEGRADED, "True", "PodsNotReady", ", ".join(down), **kw)
-    else:
+    elif refused is None:
         conds = set_condition(conds, COND_DEGRADED, "False", "AllPodsReady", "", **kw)
     return {
         "readyPods": len(ready),
