@@ -64,6 +64,7 @@ REASON_INVALID = "InvalidSpec"
 REASON_UNKNOWN_RUNTIME = "UnknownRuntime"
 REASON_RANK_TOO_HIGH = "RankAboveMaxRank"
 REASON_MISSING_DATASET = "MissingDataset"
+REASON_DATASET_TOO_LARGE = "DatasetTooLarge"  # a ConfigMap dataset over MAX_DATASET_TEXT_BYTES
 REASON_PUBLISHED = "Published"
 REASON_PUBLISH_FAILED = "PublishFailed"
 REASON_MISSING_SECRET = "MissingSecret"  # spec.task.verifier.tokenSecret not (yet) there
@@ -121,3 +122,17 @@ OPERATOR_RECURSION_LIMIT = 31000
 decodes every watched object with Python's json (one recursion level per nesting level) and walks it
 (deepcopy: two per level). The default limit (1000) let one deep object crash the operator's watcher
 for every namespace; 10000 levels need well under the 8 MiB default stack."""
+
+# Runtime pods (operator/clora_operator/pods.py). Their root filesystem is read-only; these emptyDirs
+# are what the runtime writes, each with a sizeLimit (the kubelet evicts a pod that goes beyond it).
+RUNTIME_TMP_SIZE_LIMIT = "4Gi"
+"""/tmp: Ray's session files, torch.compile's and Triton's scratch files."""
+RUNTIME_HOME_SIZE_LIMIT = "1Gi"
+"""$HOME (/home/clora): small per-user caches and configs libraries write there."""
+RUNTIME_MODEL_CACHE_SIZE_LIMIT = "100Gi"
+"""/var/cache/clora: downloaded and converted base models, vLLM, Triton and inductor caches."""
+RUNTIME_CHECKPOINT_EMPTYDIR_SIZE_LIMIT = "20Gi"
+"""The checkpoint emptyDir of a LoRARuntime with no checkpoint volume source and no sizeLimit."""
+DEFAULT_RUNTIME_MEMORY_LIMIT = "32Gi"
+"""The runtime container's memory limit when its LoRARuntime sets none (raised to the memory request
+when that is larger); set resources.limits.memory to choose another."""

@@ -9,6 +9,7 @@ from typing import Any
 from clora.api import LoRAExperimentSpec, LoRARuntime
 from clora.constants import (
     MAX_DATASET_TEXT_BYTES,
+    REASON_DATASET_TOO_LARGE,
     REASON_HOST_PATH_NOT_ALLOWED,
     REASON_IMAGE_NOT_ALLOWED,
     REASON_INVALID,
@@ -85,7 +86,7 @@ def dataset_problem(name: str, key: str, configmap: Mapping[str, Any]) -> tuple[
     size = len(text.encode())
     if size > MAX_DATASET_TEXT_BYTES:
         return (
-            REASON_MISSING_DATASET,
+            REASON_DATASET_TOO_LARGE,
             f"spec.task.dataset.configMap: key {key} of ConfigMap {name} holds {size} bytes, more than"
             f" the {MAX_DATASET_TEXT_BYTES} a ConfigMap dataset may have; use a dataset path on the"
             " checkpoint volume",

@@ -42,6 +42,7 @@ from clora.constants import (
     LABEL_KUEUE_QUEUE,
     REASON_ADMITTED,
     REASON_CHECKPOINTED,
+    REASON_DATASET_TOO_LARGE,
     REASON_MISSING_DATASET,
     REASON_MISSING_SECRET,
     REASON_PREEMPTED,
@@ -481,6 +482,28 @@ async def _verifier_token(state: OperatorState, record: ExperimentRecord) -> tup
     return ("" if value is not None else f"Secret {ref.name} with key {ref.key}"), value
 
 
+async def _dataset_text(
+    state: OperatorState, record: ExperimentRecord
+) -> tuple[tuple[str, str] | None, str | None]:
+    """(None, value) of spec.task.dataset.configMap, read in the experiment's own namespace when it
+    goes to a pod (the runtime pod mounts no ConfigMap: the value travels in the PUT's datasetText);
+    (None, None) for a path dataset; ((reason, message), None) when the ConfigMap or key is missing or
+    the value is too large."""
+    assert record.parsed is not None
+    dataset = record.parsed.task.dataset
+    if dataset is None or dataset.config_map is None:
+        return None, None
+    ref = dataset.config_map
+    configmap = await state.kube.get_configmap(record.namespace, ref.name)
+    if configmap is None:
+        return (
+            REASON_MISSING_DATASET,
+            f"spec.task.dataset.configMap: ConfigMap {ref.name} does not exist",
+        ), None
+    problem = admission.dataset_problem(ref.name, ref.key, configmap)
+    return problem, (admission.dataset_text(configmap, ref.key) if problem is None else None)
+
+
 async def _resend(
     state: OperatorState, pool: Pool, record: ExperimentRecord, pod: str, logger: logging.Logger
 ) -> None:
@@ -489,8 +512,16 @@ async def _resend(
     if view is None or view.info.url is None or pool.token is None or record.parsed is None:
         return
     _, verifier_token = await _verifier_token(state, record)  # a Secret gone since: the verifier says so
+    _, dataset_text = await _dataset_text(state, record)  # a ConfigMap gone since: the runtime keeps its own
     put = state.runtime.put(
-        view.info.url, pool.token, record.namespace, record.name, record.parsed, None, verifier_token
+        view.info.url,
+        pool.token,
+        record.namespace,
+        record.name,
+        record.parsed,
+        None,
+        verifier_token,
+        dataset_text,
     )
     try:
         answer = await _busy(pool, record.key, put)
@@ -776,8 +807,22 @@ async def _place(
         obs = Observed(phase="Queued", reason=REASON_MISSING_SECRET, message=message)
         await write_status(state, pool, record, obs)
         return
+    dataset_problem, dataset_text = await _dataset_text(state, record)
+    if dataset_problem is not None:
+        # Gone or grown since admission: a missing one may come back (queued), a too large one will not.
+        reason, message = dataset_problem
+        phase = "Failed" if reason == REASON_DATASET_TOO_LARGE else "Queued"
+        await write_status(state, pool, record, Observed(phase=phase, reason=reason, message=message))
+        return
     put = state.runtime.put(
-        view.info.url, pool.token, record.namespace, record.name, record.parsed, resume, verifier_token
+        view.info.url,
+        pool.token,
+        record.namespace,
+        record.name,
+        record.parsed,
+        resume,
+        verifier_token,
+        dataset_text,
     )
     try:
         answer: ExperimentState = await _busy(pool, record.key, put)
