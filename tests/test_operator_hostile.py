@@ -106,3 +106,91 @@ async def test_a_deeply_nested_experiment_fails_alone(tmp_path: Path) -> None:
                 status = cluster.status("deep")
                 assert "targetModules" in status["message"], status["message"]
                 assert cluster.events("deep", "InvalidSpec")
+
+
+async def in_process_operator(cluster: Cluster, tmp_path: Path) -> Any:
+    from operator_fixtures import running_operator
+
+    from clora_operator.config import OperatorConfig
+
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig(tmp_path / "kubeconfig"))
+    settings = {"standalone": True, "liveness_port": 0, "metrics_port": 0, "reconcile_interval": 1.0}
+    return running_operator(OperatorConfig(**settings))
+
+
+async def test_names_never_reach_outside_the_namespace(tmp_path: Path) -> None:
+    """MEDIUM 4 (confused deputy): a path-like or cross-namespace name fails its experiment as an
+    invalid spec, and the operator makes no request naming the other namespace."""
+    async with emulated_cluster(tmp_path) as cluster:
+        await cluster.add_node("node-a")
+        await cluster.create(RUNTIMES, lora_runtime("pool", capacity={"maxAdapters": 2, "maxRank": 16}))
+        for ns in ("victim",):
+            await cluster.create(
+                "v1/secrets",
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-creds", "namespace": ns}},
+            )
+        hostile = "../../victim/secrets/db-creds"
+        cases = {
+            "cm": (
+                {"task": {"name": "gsm8k", "dataset": {"configMap": {"name": hostile, "key": "k"}}}},
+                "configMap",
+            ),
+            "rt": ({"runtime": "../victim/loraruntimes/pool"}, "runtime"),
+            "secret": (
+                {"task": {"name": "http", "verifier": {"url": "http://v", "tokenSecret": {"name": hostile}}}},
+                "tokenSecret",
+            ),
+        }
+        before = len(list(cluster.emulator))  # the test's own requests (the victim's Secret)
+        async with await in_process_operator(cluster, tmp_path):
+            for name, (spec, _) in cases.items():
+                await cluster.create(EXPERIMENTS, experiment(name, **spec))
+            for name, (_, field) in cases.items():
+                await cluster.wait_for(
+                    f"{name} failed", lambda n=name: cluster.status(n).get("phase") == "Failed"
+                )
+                status = cluster.status(name)
+                assert field in status["message"], status["message"]
+                assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == "InvalidSpec"
+        paths = [str(request.url.path) for request in list(cluster.emulator)[before:]]
+        assert paths and not [p for p in paths if "victim" in p], [p for p in paths if "victim" in p]
+
+
+async def test_privileged_runtimes_and_planted_secrets_get_no_pods(tmp_path: Path) -> None:
+    """MEDIUM 9: a hostPath or custom image (not allowed by the chart) and a token Secret clora did
+    not create each leave their LoRARuntime without pods, its Ready condition naming why."""
+    async with emulated_cluster(tmp_path) as cluster:
+        await cluster.add_node("node-a")
+        await cluster.create(
+            "v1/secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "planted-token", "namespace": NS},
+                "stringData": {"token": "known-to-the-tenant"},
+            },
+        )
+        await cluster.create(RUNTIMES, lora_runtime("host", checkpointVolume={"hostPath": {"path": "/"}}))
+        await cluster.create(RUNTIMES, lora_runtime("image", image="evil.example.com/miner:latest"))
+        await cluster.create(RUNTIMES, lora_runtime("planted"))
+        await cluster.create(RUNTIMES, lora_runtime("fine"))
+        async with await in_process_operator(cluster, tmp_path):
+            await cluster.wait_for("fine's pod", lambda: cluster.get("v1/pods", NS, "fine-node-a"))
+            expected = {
+                "host": ("HostPathNotAllowed", "spec.checkpointVolume.hostPath"),
+                "image": ("ImageNotAllowed", "spec.image"),
+                "planted": ("TokenSecretNotOwned", "planted-token"),
+            }
+            for name, (reason, words) in expected.items():
+
+                def ready(name: str = name) -> dict[str, Any]:
+                    conds = cluster.runtime_status(name).get("conditions") or []
+                    return next((c for c in conds if c["type"] == "Ready"), {})
+
+                await cluster.wait_for(f"{name} refused", lambda r=reason, f=ready: f().get("reason") == r)
+                assert ready()["status"] == "False" and words in ready()["message"], ready()
+                assert cluster.events(name, reason)
+            names = sorted(p["metadata"]["name"] for p in cluster.list("v1/pods"))
+            assert names == ["fine-node-a"], names
+            secret = cluster.get("v1/secrets", NS, "planted-token") or {}
+            assert secret.get("stringData") == {"token": "known-to-the-tenant"}  # untouched

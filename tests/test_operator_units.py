@@ -476,3 +476,16 @@ def test_a_token_secret_clora_did_not_create_is_not_adopted() -> None:
     other = runtime()
     other.metadata.uid = "u-other"
     assert not pods.owns_token_secret(other, mine)
+
+
+def test_configmap_datasets_are_bounded() -> None:
+    """MEDIUM 10: the value travels in the PUT (datasetText): a missing key or one over 1 MiB is
+    refused, naming the field (an API server caps a ConfigMap near 1 MiB; this is the operator's own)."""
+    ok = {"data": {"train": "{}"}}
+    assert admission.dataset_problem("d", "train", ok) is None
+    assert admission.dataset_text(ok, "train") == "{}"
+    reason, message = admission.dataset_problem("d", "test", ok) or ("", "")
+    assert reason == "MissingDataset" and "has no key test" in message
+    big = {"data": {"train": "é" * (1024 * 1024 // 2 + 1)}}  # bytes, not characters
+    reason, message = admission.dataset_problem("d", "train", big) or ("", "")
+    assert reason == "DatasetTooLarge" and "spec.task.dataset.configMap" in message
