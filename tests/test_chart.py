@@ -704,9 +704,11 @@ def test_operator_limited_to_namespaces_gets_roles_there_only(ci_objects: list[d
     # A pattern's namespaces cannot be listed: cluster-wide again.
     values = {"operator": {"namespaces": ["ml-*"], "replicas": 1, "peering": {"enabled": False}}}
     pattern = load_docs(helm_template([_values_file(values)]))
-    assert not find(pattern, "Role") and {
-        r for rule in one(pattern, "ClusterRole", "-operator")["rules"] for r in rule["resources"]
-    } >= NAMESPACED_RESOURCES
+    assert (
+        not find(pattern, "Role")
+        and {r for rule in one(pattern, "ClusterRole", "-operator")["rules"] for r in rule["resources"]}
+        >= NAMESPACED_RESOURCES
+    )
 
 
 def test_privileged_runtime_fields_need_the_chart_to_allow_them(
