@@ -678,3 +678,55 @@ def test_install_doc_kind_walkthrough_is_consistent(tmp_path: Path) -> None:
     # The image it builds and loads into kind is the one the chart's defaults run.
     assert "-t clora:0.1.0-cpu" in install and "kind load docker-image clora:0.1.0-cpu" in install
     assert operator_container(load_docs(helm_template()))["image"] == "clora:0.1.0-cpu"
+
+
+NAMESPACED_RESOURCES = {"pods", "secrets", "configmaps", "events", "loraexperiments", "loraruntimes"}
+
+
+def test_operator_limited_to_namespaces_gets_roles_there_only(ci_objects: list[dict[str, Any]]) -> None:
+    """MEDIUM 9: with operator.namespaces, pods, Secrets, ConfigMaps, Events and clora's resources are
+    granted by a Role in each watched namespace; the ClusterRole keeps the cluster-scoped rights."""
+    cluster_role = one(ci_objects, "ClusterRole", "-operator")
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert not cluster_resources & NAMESPACED_RESOURCES, cluster_resources
+    assert cluster_resources <= {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
+    roles = find(ci_objects, "Role", "-operator")
+    bindings = find(ci_objects, "RoleBinding", "-operator")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for role in roles:
+        assert {r for rule in role["rules"] for r in rule["resources"]} >= NAMESPACED_RESOURCES
+    # Every namespace (the default): one ClusterRole holds everything, no Role.
+    default = load_docs(helm_template())
+    assert not find(default, "Role") and not find(default, "RoleBinding")
+    everything = {r for rule in one(default, "ClusterRole", "-operator")["rules"] for r in rule["resources"]}
+    assert everything >= NAMESPACED_RESOURCES
+    # A pattern's namespaces cannot be listed: cluster-wide again.
+    values = {"operator": {"namespaces": ["ml-*"], "replicas": 1, "peering": {"enabled": False}}}
+    pattern = load_docs(helm_template([_values_file(values)]))
+    assert (
+        not find(pattern, "Role")
+        and {r for rule in one(pattern, "ClusterRole", "-operator")["rules"] for r in rule["resources"]}
+        >= NAMESPACED_RESOURCES
+    )
+
+
+def test_privileged_runtime_fields_need_the_chart_to_allow_them(
+    default_objects: list[dict[str, Any]], ci_objects: list[dict[str, Any]]
+) -> None:
+    """MEDIUM 9: hostPath and custom images are off unless runtime.allowHostPath/allowedImages say so."""
+    from clora_operator import config as operator_config
+
+    default_args = operator_container(default_objects)["args"]
+    assert not [a for a in default_args if a.startswith(("--allow-host-path", "--allowed-image"))]
+    args = operator_container(ci_objects)["args"]
+    assert "--allow-host-path" in args
+    assert "--allowed-image=registry.example.com/team/clora:0.1.0-cuda" in args
+    parser = argparse.ArgumentParser()
+    operator_config.add_arguments(parser)
+    cfg = operator_config.from_args(parser.parse_args([a for a in args if a != "operator"]))
+    assert cfg.allow_host_path is True and cfg.allowed_images == [
+        "registry.example.com/team/clora:0.1.0-cuda"
+    ]
+    plain = operator_config.from_args(parser.parse_args([]))
+    assert plain.allow_host_path is False and plain.allowed_images == []

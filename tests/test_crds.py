@@ -238,3 +238,98 @@ def test_status_is_typed_and_round_trips() -> None:
         {"metadata": {"name": "x"}, "spec": MINIMAL[EXPERIMENT_KIND][1], "status": status}
     ).status.wire()  # type: ignore[union-attr]
     assert schema_problems(wire, schema) == []
+
+
+HOSTILE_NAME = "../../victim/secrets/db-creds"
+REFERENCES = [
+    (EXPERIMENT_KIND, ("runtime",), HOSTILE_NAME),
+    (EXPERIMENT_KIND, ("runtime",), "victim/pool"),
+    (EXPERIMENT_KIND, ("task", "dataset", "configMap", "name"), HOSTILE_NAME),
+    (EXPERIMENT_KIND, ("task", "verifier", "tokenSecret", "name"), HOSTILE_NAME),
+    (RUNTIME_KIND, ("checkpointVolume", "persistentVolumeClaim", "claimName"), HOSTILE_NAME),
+]
+
+
+def _with(spec: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(spec)
+    node = spec
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return spec
+
+
+def _reference_spec(kind: str, path: tuple[str, ...]) -> dict[str, Any]:
+    base = copy.deepcopy(MINIMAL[kind][1])
+    if path[:2] == ("task", "verifier"):
+        base["task"] = {"name": "http", "verifier": {"url": "http://v", "tokenSecret": {"name": "s"}}}
+    if path[:2] == ("task", "dataset"):
+        base["task"] = {"name": "gsm8k", "dataset": {"configMap": {"name": "d", "key": "k"}}}
+    return base
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "name"), REFERENCES, ids=lambda v: ".".join(v) if isinstance(v, tuple) else None
+)
+def test_object_references_are_names_in_the_own_namespace(
+    kind: str, path: tuple[str, ...], name: str
+) -> None:
+    """MEDIUM 4 (confused deputy): a reference is a DNS-1123 name, never a path into another
+    namespace or kind, for the API server (the CRD schema) and for the models alike."""
+    model, _ = MINIMAL[kind]
+    good = _reference_spec(kind, path)
+    model.model_validate(good)
+    schema = openapi_schema(kind)["properties"]["spec"]
+    assert schema_problems(apply_defaults(copy.deepcopy(good), schema), schema) == []
+    bad = _with(good, path, name)
+    problems = schema_problems(apply_defaults(copy.deepcopy(bad), schema), schema)
+    assert [p.path for p in problems] == [".".join(path)], problems
+    with pytest.raises(ValueError, match=path[-1]):
+        model.model_validate(bad)
+
+
+def test_target_modules_is_a_typed_bounded_list() -> None:
+    """HIGH 1: the CRD types targetModules (the API server refuses a deep or long value); the models
+    take the scalar shorthand, keep all-linear as the runtime reads it and write a list."""
+    schema = openapi_schema(EXPERIMENT_KIND)["properties"]["spec"]
+    node = schema["properties"]["lora"]["properties"]["targetModules"]
+    assert node["type"] == "array" and node["items"]["type"] == "string"
+    assert node["maxItems"] == 64 and node["items"]["maxLength"] == 128
+    assert node["default"] == ["all-linear"]
+    (rule,) = node["x-kubernetes-validations"]
+    assert cel.evaluate(rule["rule"], ["all-linear"], node) is True
+    assert cel.evaluate(rule["rule"], ["q_proj", "v_proj"], node) is True
+    assert cel.evaluate(rule["rule"], ["all-linear", "q_proj"], node) is False
+
+    def spec(modules: Any) -> dict[str, Any]:
+        return {**MINIMAL[EXPERIMENT_KIND][1], "lora": {"targetModules": modules}}
+
+    deep: Any = "q_proj"
+    for _ in range(1500):
+        deep = [deep]
+    for bad in (deep, [deep], ["q" * 129], ["q"] * 65, [], ["all-linear", "q_proj"], "attention"):
+        assert schema_problems(spec(bad), schema) or bad == ["all-linear", "q_proj"]
+        with pytest.raises(ValueError, match="targetModules"):
+            LoRAExperimentSpec.model_validate(spec(bad))
+    for shorthand in ("all-linear", ["all-linear"]):
+        parsed = LoRAExperimentSpec.model_validate(spec(shorthand))
+        assert parsed.lora.target_modules == "all-linear"  # what the adapter bank reads
+        assert parsed.wire()["lora"]["targetModules"] == ["all-linear"]
+    parsed = LoRAExperimentSpec.model_validate(spec(["q_proj", "v_proj"]))
+    assert parsed.lora.target_modules == ["q_proj", "v_proj"]
+    assert schema_problems(parsed.wire(), schema) == []
+
+
+def test_free_text_fields_are_bounded() -> None:
+    """HIGH 2: every string of a spec has a maxLength, every map a maxProperties, every list a
+    maxItems (enums and patterns of bounded length aside), so no single field can be huge."""
+    for kind in KINDS:
+        for path, node in schema_nodes(openapi_schema(kind)["properties"]["spec"]):
+            if node.get("type") == "string" and "enum" not in node:
+                assert "maxLength" in node, f"{kind} spec{path}"
+            if node.get("type") == "object" and "additionalProperties" in node:
+                assert "maxProperties" in node, f"{kind} spec{path}"
+            if node.get("type") == "array":
+                assert "maxItems" in node, f"{kind} spec{path}"
+            if node.get("x-kubernetes-int-or-string"):
+                assert "maxLength" in node, f"{kind} spec{path}"

@@ -20,11 +20,11 @@ from runtime_server import start_runtime_server
 
 from clora.api import LoRAExperimentSpec, LoRARuntime
 from clora.api.runtime_api import CheckpointRef, ExperimentState
-from clora.constants import RUNTIME_PORT, TOKEN_SECRET_KEY
+from clora.constants import RUNTIME_PORT
 from clora.metrics import OperatorMetrics
 from clora_operator import k8s, pool
 from clora_operator.config import OperatorConfig
-from clora_operator.pods import build_runtime_pod, secret_name
+from clora_operator.pods import build_runtime_pod, build_token_secret
 from clora_operator.runtime_client import RuntimeClient, RuntimeUnavailable
 from clora_operator.state import ExperimentRecord, OperatorState
 from clora_operator.status import Observed, experiment_status, transition_events
@@ -230,15 +230,8 @@ async def test_dropping_the_cache_between_two_passes_changes_no_decision(
         )
         runtime = LoRARuntime.model_validate(cluster.get(RUNTIMES, NS, "pool"))
         assert server.token is not None
-        await cluster.create(
-            "v1/secrets",
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": secret_name("pool"), "namespace": NS},
-                "stringData": {TOKEN_SECRET_KEY: server.token},
-            },
-        )
+        # The Secret as the operator would have created it (one it did not create is never adopted).
+        await cluster.create("v1/secrets", build_token_secret(runtime, server.token))
         pod = build_runtime_pod(runtime, "node-a", image=state.config.runtime_image)
         pod["spec"]["nodeName"] = "node-a"
         pod["status"] = {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}

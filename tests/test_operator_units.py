@@ -7,6 +7,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kubernetes_validate
 import pytest
 
 from clora.api import LoRARuntime
@@ -167,7 +168,7 @@ def test_runtime_pod_is_pinned_owned_and_configured() -> None:
         "blockOwnerDeletion": False,
     }
     spec = pod["spec"]
-    assert spec["securityContext"] == {"fsGroup": 10001}
+    assert spec["securityContext"] == {"fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
     assert spec["containers"][0]["securityContext"]["runAsNonRoot"] is True
     term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["node-1"]
@@ -178,7 +179,8 @@ def test_runtime_pod_is_pinned_owned_and_configured() -> None:
     for flag, value in [("--max-adapters", "4"), ("--max-rank", "32"), ("--tokens-per-tick", "1000")]:
         assert args[args.index(flag) + 1] == value
     assert args[args.index("--checkpoint-dir") + 1] == "/ck"
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert args[args.index("--dataset-roots") + 1] == "/ck"  # datasets are read from that volume only
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "32Gi"}}  # the default memory limit
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"name": TOKEN_FILE_ENV, "value": "/var/run/secrets/clora/token"} in c["env"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ck", "readOnly": False}} in spec[
@@ -411,3 +413,79 @@ def test_published_versions_reach_the_status_a_condition_and_one_event_each() ->
     # Without spec.publish there is no Published condition at all.
     plain = status.experiment_status({}, seen(1, None), spec=SPEC, generation=1, now=T0)
     assert all(c["type"] != "Published" for c in plain["conditions"])
+
+
+def test_runtime_pod_is_locked_down() -> None:
+    """LOW (issue 17): read-only root with a bounded emptyDir for each place the runtime writes,
+    RuntimeDefault seccomp, no service-account token, no capabilities, a memory limit by default."""
+    pod = pods.build_runtime_pod(runtime(), "node-1", image="img:1")
+    spec = pod["spec"]
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert {"/tmp", "/home/clora", "/var/cache/clora", "/dev/shm", "/var/lib/clora/checkpoints"} <= set(
+        mounts
+    )
+    for volume in spec["volumes"]:
+        if "emptyDir" in volume:
+            assert volume["emptyDir"].get("sizeLimit"), volume
+    assert c["resources"]["limits"]["memory"] == "32Gi"
+    big = runtime(resources={"requests": {"memory": "64Gi"}})
+    assert pods.build_runtime_pod(big, "n", image="i")["spec"]["containers"][0]["resources"]["limits"] == {
+        "memory": "64Gi"
+    }
+    chosen = runtime(resources={"limits": {"memory": "8Gi"}})
+    assert pods.build_runtime_pod(chosen, "n", image="i")["spec"]["containers"][0]["resources"]["limits"] == {
+        "memory": "8Gi"
+    }
+    assert pods.quantity_bytes("1Gi") == 2**30 and pods.quantity_bytes("500M") == 5e8
+    assert pods.quantity_bytes("lots") is None
+    for obj in (pod, pods.build_runtime_pod(big, "n", image="i")):
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+
+
+def test_hostile_runtimes_are_refused_unless_allowed() -> None:
+    """MEDIUM 9: a hostPath or another image makes a LoRARuntime a privileged pod: refused, naming
+    the field, unless the operator (the chart) allows it."""
+    cfg = config.OperatorConfig(runtime_image="clora:1")
+    assert admission.runtime_refusal(runtime(), cfg) is None
+    assert admission.runtime_refusal(runtime(image="clora:1"), cfg) is None
+    host = runtime(checkpointVolume={"hostPath": {"path": "/etc"}})
+    reason, message = admission.runtime_refusal(host, cfg) or ("", "")
+    assert reason == "HostPathNotAllowed" and "spec.checkpointVolume.hostPath" in message
+    assert admission.runtime_refusal(host, cfg.model_copy(update={"allow_host_path": True})) is None
+    evil = runtime(image="evil:latest")
+    reason, message = admission.runtime_refusal(evil, cfg) or ("", "")
+    assert reason == "ImageNotAllowed" and "spec.image" in message
+    assert admission.runtime_refusal(evil, cfg.model_copy(update={"allowed_images": ["evil:latest"]})) is None
+    assert admission.runtime_refusal(evil, cfg.model_copy(update={"allowed_images": ["*"]})) is None
+
+
+def test_a_token_secret_clora_did_not_create_is_not_adopted() -> None:
+    rt = runtime()
+    mine = pods.build_token_secret(rt, "t")
+    assert pods.owns_token_secret(rt, mine)
+    planted = {"metadata": {"name": mine["metadata"]["name"]}, "stringData": {"token": "known"}}
+    assert not pods.owns_token_secret(rt, planted)
+    labelled = {**planted, "metadata": {**planted["metadata"], "labels": mine["metadata"]["labels"]}}
+    assert not pods.owns_token_secret(rt, labelled)  # labels alone are easy to copy
+    other = runtime()
+    other.metadata.uid = "u-other"
+    assert not pods.owns_token_secret(other, mine)
+
+
+def test_configmap_datasets_are_bounded() -> None:
+    """MEDIUM 10: the value travels in the PUT (datasetText): a missing key or one over 1 MiB is
+    refused, naming the field (an API server caps a ConfigMap near 1 MiB; this is the operator's own)."""
+    ok = {"data": {"train": "{}"}}
+    assert admission.dataset_problem("d", "train", ok) is None
+    assert admission.dataset_text(ok, "train") == "{}"
+    reason, message = admission.dataset_problem("d", "test", ok) or ("", "")
+    assert reason == "MissingDataset" and "has no key test" in message
+    big = {"data": {"train": "é" * (1024 * 1024 // 2 + 1)}}  # bytes, not characters
+    reason, message = admission.dataset_problem("d", "train", big) or ("", "")
+    assert reason == "DatasetTooLarge" and "spec.task.dataset.configMap" in message

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
-from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
-from clora.constants import API_VERSION, EXPERIMENT_KIND
+from clora.api.base import (
+    Condition,
+    DataKey,
+    LabelMap,
+    ObjectMeta,
+    ObjectName,
+    SpecModel,
+    StatusModel,
+    string_map_field,
+)
+from clora.constants import (
+    API_VERSION,
+    DNS_LABEL_PATTERN,
+    EXPERIMENT_KIND,
+    MAX_LABEL_LENGTH,
+    MAX_MESSAGE_LENGTH,
+    MAX_MODEL_NAME_LENGTH,
+    MAX_MODULE_NAME_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PATH_LENGTH,
+    MAX_SYSTEM_PROMPT_CHARS,
+    MAX_TARGET_MODULES,
+    MAX_URL_LENGTH,
+)
 
 TaskName = Literal["gsm8k", "arithmetic", "http"]
 RewardName = Literal["exact-match", "numeric", "format-and-exact"]
@@ -16,36 +47,70 @@ LossType = Literal["grpo", "dr_grpo", "dapo"]
 Phase = Literal["Pending", "Queued", "Scheduled", "Running", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
-TARGET_MODULES_MESSAGE = "must be 'all-linear' or a non-empty list of module names"
+ALL_LINEAR = "all-linear"
+TARGET_MODULES_MESSAGE = (
+    f"must be [{ALL_LINEAR}] (or the string {ALL_LINEAR}) or a list of 1 to {MAX_TARGET_MODULES} module"
+    f" names of letters, digits, '_' and '.', at most {MAX_MODULE_NAME_LENGTH} characters each"
+)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
 def _check_target_modules(value: Any) -> Any:
-    """One clear message for every wrong shape, instead of one error per union branch."""
-    if value == "all-linear":
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, str) and m for m in value):
+    """One clear message for every wrong shape. The scalar "all-linear" (clora run, objects written
+    before the field was typed) and the list [all-linear] both mean every linear layer, and are kept
+    as the string the runtime's adapter bank reads."""
+    if value == ALL_LINEAR or value == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if (
+        isinstance(value, list)
+        and 1 <= len(value) <= MAX_TARGET_MODULES
+        and all(
+            isinstance(m, str) and len(m) <= MAX_MODULE_NAME_LENGTH and _MODULE_NAME.fullmatch(m)
+            for m in value
+        )
+    ):
         return value
     raise ValueError(TARGET_MODULES_MESSAGE)
 
 
-# "all-linear" or a non-empty list of module names. A structural schema cannot say "string or
-# list", so the CRD leaves the node untyped. The API server refuses CEL rules on untyped nodes
-# (it has no CEL type for them), so the shape is checked by this validator, which the operator
-# and `clora validate` run, not by the API server.
+def _target_modules_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+# In the CRD a list of strings: a structural schema cannot say "string or list", and the API server
+# refuses CEL rules on an untyped node. [all-linear] stands for every linear layer, alone.
 TargetModules = Annotated[
     Literal["all-linear"] | list[str],
     BeforeValidator(_check_target_modules),
-    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
+    PlainSerializer(_target_modules_list, return_type=list[str]),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_TARGET_MODULES,
+            "items": {
+                "type": "string",
+                "maxLength": MAX_MODULE_NAME_LENGTH,
+                "pattern": rf"^({ALL_LINEAR}|[A-Za-z0-9_.]+)$",
+            },
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!('{ALL_LINEAR}' in self) || size(self) == 1",
+                    "message": f"{ALL_LINEAR} stands for every linear layer and may only appear alone",
+                }
+            ],
+        }
+    ),
 ]
 
 
 class ConfigMapKey(SpecModel):
     """A key of a ConfigMap in the experiment's namespace."""
 
-    name: str = Field(min_length=1)
-    """The ConfigMap's name."""
-    key: str = Field(min_length=1)
-    """The key whose value holds the JSONL records."""
+    name: ObjectName
+    """The ConfigMap's name (in the experiment's namespace; the operator reads it there)."""
+    key: DataKey
+    """The key whose value holds the JSONL records (at most 1 MiB, sent to the runtime by the operator)."""
 
 
 class Dataset(SpecModel):
@@ -62,7 +127,7 @@ class Dataset(SpecModel):
         }
     )
 
-    path: str | None = Field(None, min_length=1)
+    path: str | None = Field(None, min_length=1, max_length=MAX_PATH_LENGTH)
     """A JSONL file inside the runtime pod, one record per line."""
     config_map: ConfigMapKey | None = None
     """A ConfigMap key whose value is the JSONL records."""
@@ -77,9 +142,9 @@ class Dataset(SpecModel):
 class SecretKeyRef(SpecModel):
     """A key of a Secret in the experiment's namespace."""
 
-    name: str = Field(min_length=1, max_length=253)
-    """The Secret's name."""
-    key: str = Field("token", min_length=1, max_length=253)
+    name: ObjectName
+    """The Secret's name (in the experiment's namespace; the operator reads it there)."""
+    key: DataKey = "token"
     """The key whose value is used."""
 
 
@@ -89,7 +154,7 @@ class Verifier(SpecModel):
     Each step's completions go in one POST {"experiment": {namespace, name, step}, "items": [{prompt,
     completion, answer, metadata}]}; the answer is {"rewards": [float, ...]}, one per item."""
 
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    url: str = Field(min_length=1, max_length=MAX_URL_LENGTH, pattern=r"^https?://")
     """Where the completions are POSTed (http or https)."""
     token_secret: SecretKeyRef | None = None
     """A Secret key whose value is sent as `Authorization: Bearer <value>`; never shown in status,
@@ -140,8 +205,8 @@ class Task(SpecModel):
     reward: RewardName = "exact-match"
     """How a completion is scored against the reference: exact-match (the last number equals it),
     numeric (closeness of the last number), format-and-exact (an answer in the asked format, and right)."""
-    system_prompt: str = ""
-    """A system message put before every prompt."""
+    system_prompt: str = Field("", max_length=MAX_SYSTEM_PROMPT_CHARS)
+    """A system message put before every prompt (at most 16384 characters)."""
     verifier: Verifier | None = None
     """task http: the HTTP service whose answer is each completion's reward (`reward` is unused)."""
 
@@ -165,9 +230,10 @@ class LoRAConfig(SpecModel):
     """The LoRA scaling numerator: the update is scaled by alpha / rank."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapter's input during training."""
-    target_modules: TargetModules = "all-linear"
-    """The modules that get an adapter: all-linear (every linear layer of the decoder but the LM head)
-    or a list of module names such as [q_proj, v_proj]."""
+    target_modules: TargetModules = Field(ALL_LINEAR, json_schema_extra={"default": [ALL_LINEAR]})
+    """The modules that get an adapter: [all-linear] (every linear layer of the decoder but the LM head)
+    or a list of module names such as [q_proj, v_proj]. Written with kubectl it is a list; clora run
+    and clora validate also take the string all-linear."""
 
 
 class Training(SpecModel):
@@ -227,10 +293,10 @@ class VLLMServer(SpecModel):
     """A vLLM OpenAI-compatible server with runtime LoRA updating on (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,
     --enable-lora): adapters are loaded with POST /v1/load_lora_adapter."""
 
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    url: str = Field(min_length=1, max_length=MAX_URL_LENGTH, pattern=r"^https?://")
     """The server's base URL, e.g. http://vllm.serving.svc:8000."""
     adapter_name: str | None = Field(
-        None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"
+        None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"
     )
     """The name clients ask for (`model` in a completion request); unset: <namespace>-<name>. Each new
     version replaces the previous one under this name (vLLM's in-place reload)."""
@@ -240,12 +306,12 @@ class AibrixAdapter(SpecModel):
     """An aibrix ModelAdapter (model.aibrix.ai/v1alpha1) the operator creates in the experiment's
     namespace and points at each published version; aibrix loads it on the serving pods it selects."""
 
-    pod_selector: dict[str, str] = Field(min_length=1)
+    pod_selector: LabelMap = string_map_field(min_entries=1)
     """matchLabels of the serving pods (e.g. {model.aibrix.ai/name: qwen3-4b})."""
-    base_model: str | None = Field(None, min_length=1, max_length=253)
+    base_model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_LENGTH)
     """The base model the adapter attaches to (the ModelAdapter's baseModel)."""
     adapter_name: str | None = Field(
-        None, min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+        None, min_length=1, max_length=MAX_LABEL_LENGTH, pattern=DNS_LABEL_PATTERN
     )
     """The ModelAdapter's name, which is also the name clients ask for; unset: the experiment's name."""
 
@@ -283,11 +349,11 @@ class PublishedRef(StatusModel):
 
     step: int
     """The step of the checkpoint published."""
-    name: str
+    name: str = Field(max_length=MAX_NAME_LENGTH)
     """The name it is served under."""
-    target: str
+    target: str = Field(max_length=MAX_URL_LENGTH)
     """Where (the server's URL)."""
-    path: str
+    path: str = Field(max_length=MAX_PATH_LENGTH)
     """The files the server loaded (a copy of the checkpoint that pruning never removes)."""
     time: datetime | None = None
     """When the server accepted it."""
@@ -309,7 +375,7 @@ class LoRAExperimentSpec(SpecModel):
         }
     )
 
-    runtime: str = Field(min_length=1, max_length=253)
+    runtime: ObjectName
     """The LoRARuntime (same namespace) whose pods train this experiment. Immutable."""
     suspend: bool = False
     """true: checkpoint, leave the runtime and free the slot; false again: resume from the checkpoint."""
@@ -348,7 +414,7 @@ class CheckpointRef(StatusModel):
 
     step: int
     """The step it was taken at."""
-    path: str
+    path: str = Field(max_length=MAX_PATH_LENGTH)
     """Its directory inside the runtime pod (on the checkpoint volume)."""
     time: datetime | None = None
     """When it was written."""
@@ -359,9 +425,9 @@ class LoRAExperimentStatus(StatusModel):
 
     phase: Phase = "Pending"
     """Pending, Queued (waiting for room), Scheduled, Running, Suspended, Succeeded or Failed."""
-    runtime_pod: str | None = None
+    runtime_pod: str | None = Field(None, max_length=MAX_NAME_LENGTH)
     """The runtime pod training the experiment."""
-    node: str | None = None
+    node: str | None = Field(None, max_length=MAX_NAME_LENGTH)
     """The node of that pod."""
     step: int = 0
     """Optimizer steps done."""
@@ -377,7 +443,7 @@ class LoRAExperimentStatus(StatusModel):
     """When training started."""
     completion_time: datetime | None = None
     """When the experiment Succeeded or Failed."""
-    message: str = ""
+    message: str = Field("", max_length=MAX_MESSAGE_LENGTH)
     """Why it is in its phase, for people."""
     observed_generation: int | None = None
     """The metadata.generation this status was computed from."""

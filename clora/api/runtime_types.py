@@ -6,11 +6,32 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clora.api.base import Condition, ObjectMeta, SpecModel, StatusModel
-from clora.constants import API_VERSION, RUNTIME_KIND
+from clora.api.base import (
+    Condition,
+    LabelMap,
+    ObjectMeta,
+    ObjectName,
+    SpecModel,
+    StatusModel,
+    string_map_field,
+)
+from clora.constants import (
+    API_VERSION,
+    MAX_IMAGE_LENGTH,
+    MAX_MAP_ENTRIES,
+    MAX_MODEL_NAME_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PATH_LENGTH,
+    MAX_SHORT_TEXT,
+    RUNTIME_KIND,
+)
 
 # A Kubernetes quantity: 1, "500m", "16Gi".
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+Quantity = Annotated[
+    int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": MAX_SHORT_TEXT})
+]
+# A directory inside the container: absolute.
+AbsolutePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH_LENGTH, pattern=r"^/")]
 
 DEFAULT_CHECKPOINT_MOUNT = "/var/lib/clora/checkpoints"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -41,11 +62,11 @@ class Capacity(SpecModel):
 class Toleration(SpecModel):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = None
+    key: str | None = Field(None, max_length=MAX_SHORT_TEXT)
     """The taint key the toleration applies to; empty with operator Exists matches every key."""
     operator: Literal["Exists", "Equal"] | None = None
     """Exists or Equal (the default)."""
-    value: str | None = None
+    value: str | None = Field(None, max_length=MAX_SHORT_TEXT)
     """The taint value the toleration matches, with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """The taint effect to match; empty matches every effect."""
@@ -56,16 +77,16 @@ class Toleration(SpecModel):
 class ResourceRequirements(SpecModel):
     """Container resources (core/v1 ResourceRequirements)."""
 
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = string_map_field()
     """Resource limits, e.g. {nvidia.com/gpu: 1, memory: 40Gi}."""
-    requests: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = string_map_field()
     """Resource requests, e.g. {cpu: "4", memory: 32Gi}."""
 
 
 class PersistentVolumeClaimSource(SpecModel):
     """A reference to a PersistentVolumeClaim in the runtime's namespace."""
 
-    claim_name: str = Field(min_length=1)
+    claim_name: ObjectName
     """The claim's name."""
     read_only: bool = False
     """Mount read-only (checkpoints then cannot be written)."""
@@ -74,9 +95,21 @@ class PersistentVolumeClaimSource(SpecModel):
 class HostPathSource(SpecModel):
     """A directory on the node."""
 
-    path: str = Field(min_length=1)
+    path: AbsolutePath
     """The directory's path on the node."""
-    type: str | None = None
+    type: (
+        Literal[
+            "",
+            "DirectoryOrCreate",
+            "Directory",
+            "FileOrCreate",
+            "File",
+            "Socket",
+            "CharDevice",
+            "BlockDevice",
+        ]
+        | None
+    ) = None
     """The hostPath type, e.g. DirectoryOrCreate."""
 
 
@@ -107,11 +140,13 @@ class CheckpointVolume(SpecModel):
     persistent_volume_claim: PersistentVolumeClaimSource | None = None
     """Keep checkpoints on a PersistentVolumeClaim (survives pod and node loss when the storage does)."""
     host_path: HostPathSource | None = None
-    """Keep checkpoints on the node's disk."""
+    """Keep checkpoints on the node's disk. Refused by the operator unless the chart allows it
+    (runtime.allowHostPath): a hostPath reaches the node's files."""
     empty_dir: EmptyDirSource | None = None
     """Keep checkpoints in the pod's scratch space (lost with the pod)."""
-    mount_path: str = DEFAULT_CHECKPOINT_MOUNT
-    """Where the volume is mounted inside the runtime container."""
+    mount_path: AbsolutePath = DEFAULT_CHECKPOINT_MOUNT
+    """Where the volume is mounted inside the runtime container; also the only directory the runtime
+    reads dataset paths from (--dataset-roots)."""
 
 
 class LoRARuntimeSpec(SpecModel):
@@ -137,14 +172,15 @@ class LoRARuntimeSpec(SpecModel):
         }
     )
 
-    base_model: str = Field(min_length=1)
+    base_model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_LENGTH)
     """The base model: a Hugging Face model id, a path inside the pod, or a built-in name
     (smollm2: SmolLM2-135M-Instruct shipped with clora; tiny: a few-million-parameter test model)."""
-    image: str | None = None
-    """The runtime container image; defaults to the operator's own image."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_LENGTH)
+    """The runtime container image; defaults to the operator's own image. Another image is refused
+    unless the chart allows it (runtime.allowedImages)."""
+    node_selector: LabelMap = string_map_field()
     """Labels a node must carry to get a runtime pod."""
-    tolerations: list[Toleration] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_MAP_ENTRIES)
     """Taints the runtime pods tolerate, e.g. of GPU nodes."""
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """Container resources of each runtime pod, e.g. limits {nvidia.com/gpu: 1}."""
@@ -207,9 +243,9 @@ def default_shm_size(capacity: Capacity, replicas: int = 1) -> str:
 class RuntimePodStatus(StatusModel):
     """One runtime pod of the pool."""
 
-    name: str
+    name: str = Field(max_length=MAX_NAME_LENGTH)
     """The pod's name."""
-    node: str = ""
+    node: str = Field("", max_length=MAX_NAME_LENGTH)
     """The node the pod runs on."""
     ready: bool = False
     """Whether the pod's runtime answers /readyz (base model loaded)."""

@@ -56,6 +56,17 @@ class OperatorConfig(BaseModel):
     runtime_image: str = Field(
         DEFAULT_RUNTIME_IMAGE, description="Runtime pod image when a LoRARuntime names none."
     )
+    allow_host_path: bool = Field(
+        False,
+        description="Let a LoRARuntime keep checkpoints on a hostPath volume (it reaches the node's"
+        " files: whoever may create a LoRARuntime could read or write them). Off: such a runtime is refused.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Images a LoRARuntime may name in spec.image besides runtime_image (exact"
+        " references; '*' allows any). A custom image runs with the pod's rights and the runtime token;"
+        " empty: only runtime_image.",
+    )
     policy: Policy = Field(
         Policy.SPREAD, description="Pod choice among those that fit: spread (least loaded) or pack."
     )
@@ -71,10 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, info in OperatorConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default: Any = _env(name)
-        if name == "namespaces":
+        if name in ("namespaces", "allowed_images"):
+            # A list: the flag repeated (--namespace=a --namespace=b), or its env var comma-separated.
             parser.add_argument(
-                "--namespace",
-                dest="namespaces",
+                "--namespace" if name == "namespaces" else "--allowed-image",
+                dest=name,
                 action="append",
                 default=default.split(",") if default else None,
                 help=info.description,

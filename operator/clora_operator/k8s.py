@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,14 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from clora.constants import (
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
     EXPERIMENT_KIND,
     EXPERIMENT_PLURAL,
     GROUP,
     LABEL_RUNTIME,
+    MAX_LABEL_LENGTH,
+    MAX_NAME_LENGTH,
     RUNTIME_KIND,
     RUNTIME_PLURAL,
     TOKEN_SECRET_KEY,
@@ -92,8 +97,28 @@ def _error(e: ApiException) -> KubeError:
     return (Conflict if e.status == 409 else KubeError)(int(e.status or 0), text)
 
 
+_NAME = re.compile(DNS_SUBDOMAIN_PATTERN)
+_NAMESPACE = re.compile(DNS_LABEL_PATTERN)
+
+
+class InvalidName(ValueError):
+    """A name or namespace that is not a Kubernetes name: refused before any request is made."""
+
+
+def _checked(namespace: str, name: str) -> tuple[str, str]:
+    """Every read and write names one object in one namespace: never a path that could reach into
+    another namespace or kind with the operator's rights (the models check names first; this is the
+    last line)."""
+    if not (0 < len(namespace) <= MAX_LABEL_LENGTH and _NAMESPACE.fullmatch(namespace)):
+        raise InvalidName(f"not a namespace: {namespace[:80]!r}")
+    if not (0 < len(name) <= MAX_NAME_LENGTH and _NAME.fullmatch(name)):
+        raise InvalidName(f"not an object name: {name[:80]!r}")
+    return namespace, name
+
+
 class KubeClient:
-    """clora's reads and writes, as plain dicts, over one kubernetes_asyncio ApiClient."""
+    """clora's reads and writes, as plain dicts, over one kubernetes_asyncio ApiClient. Every call
+    that names an object checks the namespace and name first (`_checked`)."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api
@@ -136,11 +161,13 @@ class KubeClient:
     # clora's objects.
 
     async def get_runtime(self, namespace: str, name: str) -> dict[str, Any] | None:
+        namespace, name = _checked(namespace, name)
         return await self._call(
             self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUNTIME_PLURAL, name
         )
 
     async def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        namespace, name = _checked(namespace, name)
         return await self._call(
             self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, EXPERIMENT_PLURAL, name
         )
@@ -148,6 +175,7 @@ class KubeClient:
     async def _patch_status(
         self, plural: str, namespace: str, name: str, patch: Mapping[str, Any], resource_version: str | None
     ) -> dict[str, Any] | None:
+        namespace, name = _checked(namespace, name)
         body: dict[str, Any] = {"status": dict(patch)}
         if resource_version:
             # Optimistic concurrency: the API server answers 409 if the object changed meanwhile.
@@ -193,22 +221,25 @@ class KubeClient:
 
     async def delete_pod(self, namespace: str, name: str) -> bool:
         """False if it was gone already."""
+        namespace, name = _checked(namespace, name)
         return await self._call(self._core.delete_namespaced_pod, name, namespace) is not None
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        namespace, name = _checked(namespace, name)
         answer = await self._call(self._core.read_namespaced_config_map, name, namespace)
         return self._plain(answer) if answer is not None else None
 
     async def read_token(self, namespace: str, name: str, key: str = TOKEN_SECRET_KEY) -> str | None:
         """A key of a Secret (by default a runtime's token), or None if the Secret or key is missing."""
-        answer = await self._call(self._core.read_namespaced_secret, name, namespace)
-        if answer is None:
+        secret = await self.get_secret(namespace, name)
+        if secret is None:
             return None
-        data = (answer.data or {}).get(key)
-        if data:
-            return base64.b64decode(data).decode()
-        # An API server turns stringData into data; an emulator may keep it as written.
-        return (answer.string_data or {}).get(key)
+        return secret_value(secret, key)
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        namespace, name = _checked(namespace, name)
+        answer = await self._call(self._core.read_namespaced_secret, name, namespace)
+        return self._plain(answer) if answer is not None else None
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         return await self._create(self._core.create_namespaced_secret, namespace, body)
@@ -231,6 +262,16 @@ class KubeClient:
             return self._plain(await self._call(call, namespace, dict(body)))
         except Conflict:
             return None
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
+    """A key's value of a Secret (a plain dict), or None without it."""
+    data = (secret.get("data") or {}).get(key)
+    if data:
+        return base64.b64decode(data).decode()
+    # An API server turns stringData into data; an emulator may keep it as written.
+    value = (secret.get("stringData") or {}).get(key)
+    return value if isinstance(value, str) else None
 
 
 def object_ref(kind: str, namespace: str, name: str, uid: str | None = None) -> dict[str, Any]:

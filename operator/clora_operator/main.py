@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import random
+import sys
 
 import kopf
 
+from clora.constants import OPERATOR_RECURSION_LIMIT
 from clora_operator import config as operator_config
 from clora_operator.config import OperatorConfig
 from clora_operator.handlers import register
@@ -26,6 +28,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
 async def run(config: OperatorConfig, *, stop_flag: asyncio.Event | None = None) -> None:
     """Runs the operator until stopped (tests call this in-process with a stop flag)."""
+    # kopf decodes every watched object with Python's json: at the default limit one object nested
+    # deeper than ~1000 levels (the API server takes 10000) stopped the watcher for every namespace.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), OPERATOR_RECURSION_LIMIT))
     await kopf.operator(
         registry=build_registry(config),
         standalone=config.standalone,

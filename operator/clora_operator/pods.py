@@ -24,13 +24,18 @@ from clora.constants import (
     ANNOTATION_POD_TEMPLATE_HASH,
     API_VERSION,
     COMPONENT_RUNTIME,
+    DEFAULT_RUNTIME_MEMORY_LIMIT,
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
     LABEL_NODE,
     LABEL_RUNTIME,
     MANAGED_BY,
+    RUNTIME_CHECKPOINT_EMPTYDIR_SIZE_LIMIT,
+    RUNTIME_HOME_SIZE_LIMIT,
     RUNTIME_KIND,
+    RUNTIME_MODEL_CACHE_SIZE_LIMIT,
     RUNTIME_PORT,
+    RUNTIME_TMP_SIZE_LIMIT,
     TOKEN_FILE_ENV,
     TOKEN_SECRET_KEY,
 )
@@ -43,7 +48,10 @@ MODEL_CACHE_MOUNT = "/var/cache/clora"
 # The container runtime's /dev/shm is 64 MiB: too small for vLLM's adapter exports, Ray and NCCL.
 SHM_VOLUME = "dshm"
 SHM_MOUNT = "/dev/shm"
-RUNTIME_UID = 10001  # the image's non-root user (Dockerfile)
+TMP_VOLUME = "tmp"
+HOME_VOLUME = "home"
+HOME_MOUNT = "/home/clora"  # the image's HOME (Dockerfile)
+RUNTIME_UID = 10001  # the image's non-root user (Dockerfile: USER 10001:10001)
 # The model loads before /readyz answers; a startup probe gives it up to 30 minutes.
 STARTUP_PROBE_PERIOD_S = 10
 STARTUP_PROBE_FAILURES = 180
@@ -112,6 +120,21 @@ def build_token_secret(runtime: LoRARuntime, token: str) -> dict[str, Any]:
     }
 
 
+def owns_token_secret(runtime: LoRARuntime, secret: Mapping[str, Any]) -> bool:
+    """Whether `secret` is the token Secret clora created for this LoRARuntime: clora's labels and
+    this runtime as its controlling owner (by uid, when the runtime has one)."""
+    meta = secret.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in labels_for(runtime.metadata.name).items()):
+        return False
+    owners = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]
+    return len(owners) == 1 and (
+        owners[0].get("kind") == RUNTIME_KIND
+        and owners[0].get("name") == runtime.metadata.name
+        and (not runtime.metadata.uid or owners[0].get("uid") == runtime.metadata.uid)
+    )
+
+
 def runtime_args(runtime: LoRARuntime) -> list[str]:
     """The `clora runtime` arguments for one pod of this pool."""
     spec = runtime.spec
@@ -141,6 +164,10 @@ def runtime_args(runtime: LoRARuntime) -> list[str]:
         spec.attention_implementation,
         "--checkpoint-dir",
         spec.checkpoint_volume.mount_path,
+        # Dataset paths are read from the checkpoint volume only (datasets live there: the examples'
+        # PVC); the runtime refuses a path anywhere else.
+        "--dataset-roots",
+        spec.checkpoint_volume.mount_path,
         # Checkpoint everything on SIGTERM within the pod's grace period (below).
         "--grace-period",
         str(GRACE_PERIOD_S - 20),
@@ -167,7 +194,40 @@ def _checkpoint_volume(runtime: LoRARuntime) -> dict[str, Any]:
         return {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": vol.persistent_volume_claim.wire()}
     if vol.host_path is not None:
         return {"name": CHECKPOINT_VOLUME, "hostPath": vol.host_path.wire()}
-    return {"name": CHECKPOINT_VOLUME, "emptyDir": vol.empty_dir.wire() if vol.empty_dir else {}}
+    empty_dir = vol.empty_dir.wire() if vol.empty_dir else {}
+    return {
+        "name": CHECKPOINT_VOLUME,
+        "emptyDir": {"sizeLimit": RUNTIME_CHECKPOINT_EMPTYDIR_SIZE_LIMIT, **empty_dir},
+    }
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)([KMGTPE]i?|[mkEPTGM]?)$")
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60})
+
+
+def quantity_bytes(value: str | int) -> float | None:
+    """A memory quantity in bytes ("16Gi", "500M", 1024), None when it does not parse."""
+    match = _QUANTITY.match(str(value).strip())
+    if match is None:
+        return None
+    try:
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    except (ValueError, KeyError):
+        return None
+
+
+def container_resources(runtime: LoRARuntime) -> dict[str, Any]:
+    """spec.resources, with a memory limit when none is set: DEFAULT_RUNTIME_MEMORY_LIMIT, or the
+    memory request when that is larger (a limit below the request is refused by the API server)."""
+    resources = {k: dict(v) for k, v in runtime.spec.resources.wire().items() if v}
+    limits = resources.setdefault("limits", {})
+    if "memory" not in limits:
+        request = resources.get("requests", {}).get("memory")
+        default = quantity_bytes(DEFAULT_RUNTIME_MEMORY_LIMIT) or 0
+        bigger = request is not None and (quantity_bytes(request) or 0) > default
+        limits["memory"] = request if bigger else DEFAULT_RUNTIME_MEMORY_LIMIT
+    return resources
 
 
 def shm_size(runtime: LoRARuntime) -> str | int:
@@ -205,19 +265,25 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
             "periodSeconds": STARTUP_PROBE_PERIOD_S,
             "failureThreshold": STARTUP_PROBE_FAILURES,
         },
-        "resources": {k: v for k, v in spec.resources.wire().items() if v},
+        "resources": container_resources(runtime),
         "volumeMounts": [
             {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_volume.mount_path},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT, "readOnly": True},
             # The image's model cache (CLORA_CACHE_DIR): a converted model survives container restarts.
             {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT},
             {"name": SHM_VOLUME, "mountPath": SHM_MOUNT},
+            # The root filesystem is read-only: what the runtime writes outside the volumes above.
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": HOME_VOLUME, "mountPath": HOME_MOUNT},
         ],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
     return {
@@ -233,7 +299,9 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
         "spec": {
             "restartPolicy": "Always",
             # Volumes (checkpoints on a PVC or hostPath) become writable by the non-root runtime user.
-            "securityContext": {"fsGroup": RUNTIME_UID},
+            "securityContext": {"fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+            # The runtime never calls the Kubernetes API: no service-account token in the pod.
+            "automountServiceAccountToken": False,
             # SIGTERM makes the runtime checkpoint every adapter before it exits.
             "terminationGracePeriodSeconds": GRACE_PERIOD_S,
             "affinity": {
@@ -251,8 +319,10 @@ def build_runtime_pod(runtime: LoRARuntime, node: str, *, image: str) -> dict[st
             "volumes": [
                 _checkpoint_volume(runtime),
                 {"name": TOKEN_VOLUME, "secret": {"secretName": secret_name(name)}},
-                {"name": MODEL_CACHE_VOLUME, "emptyDir": {}},
+                {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": RUNTIME_MODEL_CACHE_SIZE_LIMIT}},
                 {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(runtime)}},
+                {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": RUNTIME_TMP_SIZE_LIMIT}},
+                {"name": HOME_VOLUME, "emptyDir": {"sizeLimit": RUNTIME_HOME_SIZE_LIMIT}},
             ],
         },
     }

@@ -37,10 +37,12 @@ import kopf
 from clora.api import TERMINAL_PHASES, LoRARuntime
 from clora.api.runtime_api import CheckpointRef, ExperimentState, spec_digest
 from clora.constants import (
+    COND_READY,
     EXPERIMENT_KIND,
     LABEL_KUEUE_QUEUE,
     REASON_ADMITTED,
     REASON_CHECKPOINTED,
+    REASON_DATASET_TOO_LARGE,
     REASON_MISSING_DATASET,
     REASON_MISSING_SECRET,
     REASON_PREEMPTED,
@@ -49,12 +51,21 @@ from clora.constants import (
     REASON_RESUMED,
     REASON_RUNTIME_LOST,
     REASON_RUNTIME_REJECTED,
+    REASON_SECRET_NOT_OWNED,
     REASON_SUSPENDED,
     REASON_WAITING_FOR_KUEUE,
+    TOKEN_SECRET_KEY,
 )
-from clora_operator import k8s, scheduler
+from clora_operator import admission, k8s, scheduler
 from clora_operator.model_adapters import model_adapter
-from clora_operator.pods import PodInfo, build_token_secret, plan_pods, pod_info, secret_name
+from clora_operator.pods import (
+    PodInfo,
+    build_token_secret,
+    owns_token_secret,
+    plan_pods,
+    pod_info,
+    secret_name,
+)
 from clora_operator.runtime_client import RuntimeRejected, RuntimeUnavailable
 from clora_operator.state import ExperimentRecord, OperatorState, PodView, Pool, Written
 from clora_operator.status import (
@@ -205,17 +216,30 @@ def _scheduled_at(status: dict[str, Any]) -> float:
 # Pods and Secret.
 
 
+class ForeignSecret(Exception):
+    """The runtime's token Secret exists but was not created by clora for this LoRARuntime."""
+
+
 async def ensure_token(state: OperatorState, runtime: LoRARuntime) -> str:
-    """The pool's bearer token: read from its Secret, or generated once and stored there."""
+    """The pool's bearer token: read from its Secret, or generated once and stored there. A Secret of
+    that name that clora did not create for this runtime is never adopted (ForeignSecret): whoever
+    wrote it would know the token of the pods the operator builds."""
     ns, name = runtime.metadata.namespace, runtime.metadata.name
-    token = await state.kube.read_token(ns, secret_name(name))
-    if token:
-        return token
-    await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
-    # Read back: if another replica created it first, its token wins.
-    token = await state.kube.read_token(ns, secret_name(name))
+    secret = await state.kube.get_secret(ns, secret_name(name))
+    if secret is None:
+        await state.kube.create_secret(ns, build_token_secret(runtime, secrets.token_urlsafe(32)))
+        # Read back: if another replica created it first, its token wins.
+        secret = await state.kube.get_secret(ns, secret_name(name))
+        if secret is None:
+            raise RuntimeError(f"Secret {secret_name(name)} is gone right after its creation")
+    if not owns_token_secret(runtime, secret):
+        raise ForeignSecret(
+            f"Secret {secret_name(name)} exists but was not created by clora for this LoRARuntime (its"
+            " labels or owner differ); clora never adopts it: delete or rename it"
+        )
+    token = k8s.secret_value(secret, TOKEN_SECRET_KEY)
     if not token:
-        raise RuntimeError(f"Secret {secret_name(name)} has no token after creation")
+        raise RuntimeError(f"Secret {secret_name(name)} has no key {TOKEN_SECRET_KEY}")
     return token
 
 
@@ -458,6 +482,28 @@ async def _verifier_token(state: OperatorState, record: ExperimentRecord) -> tup
     return ("" if value is not None else f"Secret {ref.name} with key {ref.key}"), value
 
 
+async def _dataset_text(
+    state: OperatorState, record: ExperimentRecord
+) -> tuple[tuple[str, str] | None, str | None]:
+    """(None, value) of spec.task.dataset.configMap, read in the experiment's own namespace when it
+    goes to a pod (the runtime pod mounts no ConfigMap: the value travels in the PUT's datasetText);
+    (None, None) for a path dataset; ((reason, message), None) when the ConfigMap or key is missing or
+    the value is too large."""
+    assert record.parsed is not None
+    dataset = record.parsed.task.dataset
+    if dataset is None or dataset.config_map is None:
+        return None, None
+    ref = dataset.config_map
+    configmap = await state.kube.get_configmap(record.namespace, ref.name)
+    if configmap is None:
+        return (
+            REASON_MISSING_DATASET,
+            f"spec.task.dataset.configMap: ConfigMap {ref.name} does not exist",
+        ), None
+    problem = admission.dataset_problem(ref.name, ref.key, configmap)
+    return problem, (admission.dataset_text(configmap, ref.key) if problem is None else None)
+
+
 async def _resend(
     state: OperatorState, pool: Pool, record: ExperimentRecord, pod: str, logger: logging.Logger
 ) -> None:
@@ -466,8 +512,16 @@ async def _resend(
     if view is None or view.info.url is None or pool.token is None or record.parsed is None:
         return
     _, verifier_token = await _verifier_token(state, record)  # a Secret gone since: the verifier says so
+    _, dataset_text = await _dataset_text(state, record)  # a ConfigMap gone since: the runtime keeps its own
     put = state.runtime.put(
-        view.info.url, pool.token, record.namespace, record.name, record.parsed, None, verifier_token
+        view.info.url,
+        pool.token,
+        record.namespace,
+        record.name,
+        record.parsed,
+        None,
+        verifier_token,
+        dataset_text,
     )
     try:
         answer = await _busy(pool, record.key, put)
@@ -489,8 +543,16 @@ async def reconcile(
 ) -> None:
     """One pass over a pool: its Secret and pods, then every experiment that names it."""
     pool = state.pool(runtime.metadata.namespace, runtime.metadata.name)
-    if pool.token is None:
-        pool.token = await ensure_token(state, runtime)
+    refused = admission.runtime_refusal(runtime, state.config)
+    if refused is None and pool.token is None:
+        try:
+            pool.token = await ensure_token(state, runtime)
+        except ForeignSecret as e:
+            refused = (REASON_SECRET_NOT_OWNED, str(e))
+    if refused is not None:
+        # No pod is built or kept for it; its experiments wait, and its status says why.
+        await _refuse(state, pool, runtime, refused, logger)
+        return
     occupied = frozenset(placements(pool, records()).values())  # pods never replaced as stale
     await _reconcile_pods(state, pool, runtime, occupied, logger)
     keep_pollers(state, pool, records, logger)
@@ -745,8 +807,22 @@ async def _place(
         obs = Observed(phase="Queued", reason=REASON_MISSING_SECRET, message=message)
         await write_status(state, pool, record, obs)
         return
+    dataset_problem, dataset_text = await _dataset_text(state, record)
+    if dataset_problem is not None:
+        # Gone or grown since admission: a missing one may come back (queued), a too large one will not.
+        reason, message = dataset_problem
+        phase = "Failed" if reason == REASON_DATASET_TOO_LARGE else "Queued"
+        await write_status(state, pool, record, Observed(phase=phase, reason=reason, message=message))
+        return
     put = state.runtime.put(
-        view.info.url, pool.token, record.namespace, record.name, record.parsed, resume, verifier_token
+        view.info.url,
+        pool.token,
+        record.namespace,
+        record.name,
+        record.parsed,
+        resume,
+        verifier_token,
+        dataset_text,
     )
     try:
         answer: ExperimentState = await _busy(pool, record.key, put)
@@ -801,8 +877,26 @@ async def _show_suspended(state: OperatorState, pool: Pool, records: list[Experi
     await asyncio.gather(*writes)
 
 
+async def _refuse(
+    state: OperatorState, pool: Pool, runtime: LoRARuntime, refused: tuple[str, str], logger: logging.Logger
+) -> None:
+    reason, message = refused
+    current = pool.status or (runtime.status.model_dump(mode="json", by_alias=True) if runtime.status else {})
+    ready = next((c for c in current.get("conditions") or [] if c.get("type") == COND_READY), {})
+    if ready.get("reason") != reason:
+        logger.warning("LoRARuntime %s/%s refused: %s", pool.namespace, pool.name, message)
+        k8s.post_event(
+            k8s.runtime_ref(pool.namespace, pool.name, runtime.metadata.uid), reason, message, warning=True
+        )
+    await _write_runtime_status(state, pool, runtime, [], refused)
+
+
 async def _write_runtime_status(
-    state: OperatorState, pool: Pool, runtime: LoRARuntime, records: list[ExperimentRecord]
+    state: OperatorState,
+    pool: Pool,
+    runtime: LoRARuntime,
+    records: list[ExperimentRecord],
+    refused: tuple[str, str] | None = None,
 ) -> None:
     where = placements(pool, records)
     pods = []
@@ -824,6 +918,7 @@ async def _write_runtime_status(
         slots_per_pod=runtime.spec.slots_per_pod(),
         generation=runtime.metadata.generation,
         now=_now(),
+        refused=refused,
     )
     patch = status_patch(current, desired)
     if patch is not None and await state.kube.patch_runtime_status(pool.namespace, pool.name, patch):

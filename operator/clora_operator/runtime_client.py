@@ -67,8 +67,11 @@ class RuntimeClient:
         spec: LoRAExperimentSpec,
         resume_from: str | None,
         verifier_token: str | None = None,
+        dataset_text: str | None = None,
     ) -> ExperimentState:
-        request = PutExperimentRequest(spec=spec, resume_from=resume_from, verifier_token=verifier_token)
+        request = PutExperimentRequest(
+            spec=spec, resume_from=resume_from, verifier_token=verifier_token, dataset_text=dataset_text
+        )
         body = request.model_dump(mode="json", by_alias=True, exclude_none=True)
         rsp = await self._call("PUT", f"{base}/v1/experiments/{namespace}/{name}", token, json=body)
         if rsp.status_code == 404:

@@ -58,15 +58,22 @@ class ExperimentRecord:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ExperimentRecord:
-        raw = json.loads(json.dumps(dict(body), default=str))
-        meta = raw.get("metadata") or {}
-        spec = raw.get("spec") or {}
         parsed: LoRAExperimentSpec | None = None
         problem = ""
         try:
-            parsed = LoRAExperimentSpec.model_validate(spec)
-        except ValueError as e:
-            problem = str(e)
+            raw = json.loads(json.dumps(dict(body), default=str))
+        except (RecursionError, ValueError):
+            # Nested deeper than this process can walk: kept as an unparsed record (the validation
+            # handler fails it), so it holds up no other experiment.
+            raw = {"metadata": dict(body.get("metadata") or {}), "status": dict(body.get("status") or {})}
+            problem = "nested too deeply to read"
+        meta = raw.get("metadata") or {}
+        spec = raw.get("spec") or {}
+        if not problem:
+            try:
+                parsed = LoRAExperimentSpec.model_validate(spec)
+            except (ValueError, RecursionError) as e:
+                problem = str(e)
         created = meta.get("creationTimestamp")
         return cls(
             namespace=meta.get("namespace", ""),

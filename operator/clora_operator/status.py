@@ -25,8 +25,10 @@ from clora.constants import (
     COND_RUNNING,
     COND_SCHEDULED,
     COND_SUCCEEDED,
+    MAX_MESSAGE_LENGTH,
     REASON_ADMITTED,
     REASON_CHECKPOINTED,
+    REASON_DATASET_TOO_LARGE,
     REASON_INVALID,
     REASON_MISSING_DATASET,
     REASON_PREEMPTED,
@@ -51,6 +53,7 @@ INVALID_REASONS = frozenset(
         REASON_UNKNOWN_RUNTIME,
         REASON_RANK_TOO_HIGH,
         REASON_MISSING_DATASET,
+        REASON_DATASET_TOO_LARGE,
         REASON_TOKEN_BUDGET_TOO_HIGH,
         REASON_RUNTIME_REJECTED,
     }
@@ -69,6 +72,13 @@ RUNTIME_TO_PHASE = {
 def timestamp(when: datetime) -> str:
     """RFC 3339 in UTC at second precision, as the API server writes times."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def bounded(message: str) -> str:
+    """A message cut to the CRD's maxLength: a longer one would make the API server refuse the write."""
+    if len(message) <= MAX_MESSAGE_LENGTH:
+        return message
+    return message[: MAX_MESSAGE_LENGTH - 15] + " ... (cut)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +137,7 @@ def set_condition(
         "type": type_,
         "status": status,
         "reason": reason,
-        "message": message,
+        "message": bounded(message),
         "lastTransitionTime": since or timestamp(now),
     }
     if generation is not None:
@@ -228,7 +238,7 @@ def experiment_status(
         "published": published,
         "startTime": start,
         "completionTime": completion,
-        "message": obs.message,
+        "message": bounded(obs.message),
         "observedGeneration": generation,
         "conditions": conditions,
     }
@@ -380,14 +390,19 @@ def runtime_status(
     slots_per_pod: int,
     generation: int | None,
     now: datetime,
+    refused: tuple[str, str] | None = None,
 ) -> Status:
     """A LoRARuntime's status from its pods, each {name, node, ready, experiments, slotsFree}.
-    `slots_per_pod` is replicas x maxAdapters."""
+    `slots_per_pod` is replicas x maxAdapters. `refused` (reason, message): the operator builds no
+    pods for it (a field the chart does not allow, a token Secret it did not create)."""
     ready = [p for p in pods if p["ready"]]
     used = sum(len(p["experiments"]) for p in ready)
     conds = list((current or {}).get("conditions") or [])
     kw: dict[str, Any] = {"now": now, "generation": generation}
-    if ready:
+    if refused is not None:
+        conds = set_condition(conds, COND_READY, "False", *refused, **kw)
+        conds = set_condition(conds, COND_DEGRADED, "True", *refused, **kw)
+    elif ready:
         conds = set_condition(
             conds, COND_READY, "True", "PodsReady", f"{len(ready)} of {len(pods)} ready", **kw
         )
@@ -395,10 +410,10 @@ def runtime_status(
         conds = set_condition(conds, COND_READY, "False", "NoReadyPods", "no runtime pod is ready", **kw)
     else:
         conds = set_condition(conds, COND_READY, "False", "NoMatchingNodes", "no node matches", **kw)
-    if len(ready) < len(pods):
-        down = sorted(p["name"] for p in pods if not p["ready"])
+    down = sorted(p["name"] for p in pods if not p["ready"])
+    if refused is None and down:
         conds = set_condition(conds, COND_DEGRADED, "True", "PodsNotReady", ", ".join(down), **kw)
-    else:
+    elif refused is None:
         conds = set_condition(conds, COND_DEGRADED, "False", "AllPodsReady", "", **kw)
     return {
         "readyPods": len(ready),

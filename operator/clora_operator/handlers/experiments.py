@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from clora.api import TERMINAL_PHASES
-from clora.constants import EXPERIMENT_KIND, EXPERIMENT_PLURAL, GROUP, VERSION
+from clora.constants import EXPERIMENT_KIND, EXPERIMENT_PLURAL, GROUP, REASON_INVALID, VERSION
 from clora_operator import admission, pool
 from clora_operator.config import OperatorConfig
 from clora_operator.state import ExperimentRecord, OperatorState, state_of
@@ -39,12 +39,18 @@ async def validate(
 async def _validate(state: OperatorState, namespace: str, body: kopf.Body, spec: kopf.Spec) -> None:
     record = ExperimentRecord.from_body(body)
     runtime_name = str(spec.get("runtime", ""))
-    runtime = await state.kube.get_runtime(namespace, runtime_name) if runtime_name else None
-    configmap = None
-    ref = ((spec.get("task") or {}).get("dataset") or {}).get("configMap")
-    if ref and ref.get("name"):
-        configmap = await state.kube.get_configmap(namespace, ref["name"])
-    problem = admission.check(spec, namespace, runtime, configmap)
+    parsed = record.parsed
+    if parsed is None:
+        # Names are checked (DNS-1123) before anything is read: nothing is looked up for a spec the
+        # models refuse, and every read is in the experiment's own namespace.
+        problem = (REASON_INVALID, f"spec: {record.problem}")
+    else:
+        runtime = await state.kube.get_runtime(namespace, parsed.runtime)
+        configmap = None
+        dataset = parsed.task.dataset
+        if dataset is not None and dataset.config_map is not None:
+            configmap = await state.kube.get_configmap(namespace, dataset.config_map.name)
+        problem = admission.check(spec, namespace, runtime, configmap)
     await pool.admit(state, state.pool(namespace, runtime_name), record, problem)
 
 
