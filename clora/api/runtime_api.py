@@ -14,6 +14,7 @@ from pydantic import Field
 
 from clora.api.base import SpecModel, StatusModel
 from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec, PublishedRef, Reward
+from clora.constants import MAX_DATASET_TEXT_BYTES
 
 # What the runtime says of one experiment. Suspended: checkpointed and not stepping, slot not counted.
 # Removing: a DELETE arrived while the experiment was in a running tick; its final checkpoint is written
@@ -32,9 +33,10 @@ class PutExperimentRequest(SpecModel):
     """task http: the value of spec.task.verifier.tokenSecret (the operator reads the Secret), sent to
     the verifier as a bearer token; a later PUT without one keeps it. Write-only: never in an answer, a
     log line or a metric."""
-    dataset_text: str | None = Field(None, max_length=1_048_576, repr=False)
+    dataset_text: str | None = Field(None, max_length=MAX_DATASET_TEXT_BYTES, repr=False)
     """spec.task.dataset.configMap: the value of that ConfigMap key, which the operator reads in the
-    experiment's own namespace (the runtime pod mounts no ConfigMap); null for a path dataset."""
+    experiment's own namespace (the runtime pod mounts no ConfigMap); null for a path dataset. (The
+    operator bounds its bytes; characters are never more than bytes.)"""
 
 
 class Sample(SpecModel):

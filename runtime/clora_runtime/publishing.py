@@ -1,7 +1,7 @@
 """Trained adapters sent to serving while training goes on (LoRAExperiment spec.publish).
 
 The engine offers every checkpoint it writes. A thread of its own takes the ones due, copies each to
-<experiment folder>/published/step-N (checkpoint pruning never touches that folder, so the server can
+<experiment folder>/published/step-N-<run> (checkpoint pruning never touches that folder, so the server can
 always read the version it serves) and asks the server to load it: vLLM's
 POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace": true}, which replaces the version
 served under that name; for an aibrix target the copy is all, and the operator points the experiment's
@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from clora.api.experiment_types import CheckpointRef, PublishedRef, PublishPolicy
+from clora_runtime import checkpoint
 from clora_runtime.tasks.verifier import shown
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,9 @@ class Publisher:
             if rsp.status_code >= 400:
                 raise RuntimeError(f"HTTP {rsp.status_code}: {rsp.text[:300]}")
         # aibrix: the copy is the version; the operator points the ModelAdapter at it (status.published).
-        for old in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))[
-            :-KEPT_COPIES
-        ]:
+        # Only this run's copies: a phantom registration under the same name never prunes the real run's.
+        run = checkpoint.run_of(source)
+        for old in checkpoint.list_checkpoints(folder, run)[:-KEPT_COPIES]:
             shutil.rmtree(old, ignore_errors=True)
         return PublishedRef(
             step=job.checkpoint.step,

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -537,9 +538,14 @@ class ReplicaSet:
         for key, placed in sorted(held.items()):
             namespace, name = key.split("/", 1)
             last = self._last_state.get(key)
+            run_id = _run_of(last, placed)
             if placed.removing or (last is not None and last.phase == "Failed"):
                 # Deleted meanwhile, or failed (a terminal phase stays terminal): not trained again.
-                ref = self._call(replica, "newest_checkpoint", namespace, name, timeout=POLL_TIMEOUT_S)
+                ref = None
+                if run_id is not None:
+                    ref = self._call(
+                        replica, "newest_checkpoint", namespace, name, run_id, timeout=POLL_TIMEOUT_S
+                    )
                 with self._lock:
                     self._removed_here[key] = RemovedExperiment(
                         namespace=namespace, name=name, checkpoint=ref
@@ -558,6 +564,7 @@ class ReplicaSet:
                     placed.resume_from,
                     placed.verifier_token,
                     placed.dataset_text,
+                    run_id,
                 )
             except ReplicaUnavailable:
                 return  # lost again; the next poll starts over
@@ -572,3 +579,15 @@ class ReplicaSet:
             log.info(
                 "replica %d: %d experiment(s) resumed %.1f s after it was lost", replica, len(held), seconds
             )
+
+
+def _run_of(last: ExperimentState | None, placed: _Placed) -> str | None:
+    """The run an experiment trained in before its replica was lost, from the newest checkpoint the
+    set saw (its last answer, else the resumeFrom it came with); None when it had none."""
+    path = last.last_checkpoint.path if last is not None and last.last_checkpoint is not None else None
+    path = path or placed.resume_from
+    if not path:
+        return None
+    from clora_runtime.checkpoint import run_of  # torch: only where the engine runs
+
+    return run_of(Path(path))

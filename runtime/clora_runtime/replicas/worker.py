@@ -114,18 +114,24 @@ class ReplicaWorker:
         fallback: str | None,
         token: str | None,
         dataset_text: str | None = None,
+        run_id: str | None = None,
     ) -> Answer:
-        """Re-admit an experiment this replica held before it restarted: from the newest checkpoint in
-        its folder, else from `fallback` (the resumeFrom it first came with), else from the start."""
-        newest = self.newest_checkpoint(namespace, name)
+        """Re-admit an experiment this replica held before it restarted: from the newest checkpoint of
+        its run (`run_id`; None when no checkpoint of it was seen) in its folder, else from `fallback`
+        (the resumeFrom it first came with), else from the start."""
+        newest = self.newest_checkpoint(namespace, name, run_id) if run_id is not None else None
         return self.upsert(namespace, name, spec, newest.path if newest else fallback, token, dataset_text)
 
-    def newest_checkpoint(self, namespace: str, name: str) -> CheckpointRef | None:
+    def newest_checkpoint(self, namespace: str, name: str, run_id: str | None) -> CheckpointRef | None:
+        """The newest whole checkpoint of one run (None: of any run) in the experiment's folder: only
+        its own run, so a phantom registration's checkpoints under the same name are never taken."""
         from clora_runtime import checkpoint
 
         folder = checkpoint.experiment_dir(self.engine.config.checkpoint_dir, namespace, name)
         whole = [
-            p for p in checkpoint.list_checkpoints(folder) if (p / "adapter_model.safetensors").is_file()
+            p
+            for p in checkpoint.list_checkpoints(folder, run_id)
+            if (p / "adapter_model.safetensors").is_file()
         ]
         return CheckpointRef(step=checkpoint.read_step(whole[-1]), path=str(whole[-1])) if whole else None
 
