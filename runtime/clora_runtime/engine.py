@@ -14,12 +14,23 @@ an admission's slot allocation): never across a tick's computation, so no route 
 - The sampler's own adapter copies (vLLM) are only touched on the tick thread, between ticks.
 
 One tick works on a snapshot taken at its start (StepPlan: the applied spec, the slot, the problems):
-a PUT that changes the spec meanwhile is applied from the next tick on. Every active experiment
-contributes promptsPerStep x groupSize rows to one sampling batch (phase sample), completions are
-scored (reward), one micro-batched forward/backward over the rows of every adapter and updatesPerBatch
-optimizer updates per adapter (train), then samplers are synced, states updated and checkpoints
-written (sync). New experiments are packed into the next tick; nothing runs inside another batch's
-computation.
+a PUT that changes the spec meanwhile is applied from the next step on. Every active experiment
+contributes rows (promptsPerStep x groupSize a step) to one sampling batch (phase sample), completions
+are scored (reward), one micro-batched forward/backward over the rows of every adapter and
+updatesPerBatch optimizer updates per adapter (train), then samplers are synced, states updated and
+checkpoints written (sync). New experiments are packed into the next tick; nothing runs inside another
+batch's computation.
+
+Budget and fairness. A row costs its prompt tokens (chat template, system prompt), what it generated
+in earlier ticks and the tokens it may generate now against tokensPerTick; no row grows by more than
+maxTickNewTokens in a tick (a tick's decode steps, hence its time, are bounded), and while several
+experiments have work none takes more than maxTickShare of the budget. A step whose rows do not all
+get done in a tick goes on in the next ones (StepPlan keeps what each row has): the experiment trains
+only when all are done, so every part is sampled with the step's weights; the parts are seeded by row
+and part, so the split never changes what is sampled but maxTickNewTokens does. A prompt longer than
+the runtime takes (maxPromptTokens, the model's context, the training micro-batch) or whose chat prompt
+cannot be built is skipped for its experiment with a message; a pushed one is consumed, so it is not
+tried again after a restart.
 
 Failures stay with their experiment: a task, reward, sampling or training error (an out-of-memory
 included) that one experiment's rows cause fails that experiment alone and the tick goes on. An error
