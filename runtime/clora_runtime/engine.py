@@ -706,11 +706,11 @@ class Engine:
         to do. Prompts too long for this runtime, or whose chat prompt cannot be built, are skipped
         with a message (pushed ones are consumed), so one bad prompt never stops a tick."""
         assert self.bank is not None and self.base is not None
-        slot = self.bank.adapters[exp.key].slot
         with self._lock:
-            if exp.removing:  # a DELETE came while this was being planned
+            if exp.removing or not exp.in_bank:  # a DELETE came while this was being planned
                 return None
             exp.busy = True
+            slot = self.bank.adapters[exp.key].slot
             pending = exp.pending
             if pending is not None and pending.step == exp.step and pending.slot == slot:
                 return pending
