@@ -278,6 +278,40 @@ def test_other_422(api: httpx.Client) -> None:
     assert delete(api, "bad", "s").status_code == 200
 
 
+def test_pushed_samples_and_prompts_are_bounded(api: httpx.Client) -> None:
+    """Issue 17: over-long or too many samples, and an over-long system prompt, answer 422 naming the
+    field; nothing is queued or added."""
+    # The documented defaults (clora/api/runtime_api.py), spelled out so the test reads the contract.
+    prompt_chars, metadata_bytes, per_push = 16384, 16384, 1024
+    ns = "bounds"
+    assert put(api, ns, "q", {**spec(), "suspend": True}).status_code == 200  # suspended: keeps its queue
+    url = f"/v1/experiments/{ns}/q/samples"
+    refused = {
+        "samples[0].prompt: ": [{"prompt": "x" * (prompt_chars + 1)}],
+        "samples[0].answer: ": [{"prompt": "1 + 1?", "answer": "2" * 5000}],
+        "samples[1].metadata: ": [
+            {"prompt": "a"},
+            {"prompt": "b", "metadata": {"k": "v" * metadata_bytes}},
+        ],
+        "samples: ": [{"prompt": "1 + 1?"}] * (per_push + 1),
+    }
+    for detail, samples in refused.items():
+        r = api.post(url, json={"samples": samples})
+        assert r.status_code == 422 and r.json()["detail"].startswith(detail), r.text
+    # The waiting queue is bounded too (maxQueuedSamples, 4096 by default).
+    for _ in range(4):
+        assert api.post(url, json={"samples": [{"prompt": "1 + 1?"}] * per_push}).status_code == 200
+    r = api.post(url, json={"samples": [{"prompt": "1 + 1?"}]})
+    assert r.status_code == 422 and "maxQueuedSamples 4096" in r.json()["detail"], r.text
+    assert r.json()["detail"].startswith("samples: ")
+    assert delete(api, ns, "q").status_code == 200
+
+    # About 5000 tokens of system prompt, within any character bound, above maxPromptTokens 4096.
+    r = put(api, ns, "long", {**spec(), "task": {"name": "arithmetic", "systemPrompt": "hi " * 5000}})
+    assert r.status_code == 422 and r.json()["detail"].startswith("spec.task.systemPrompt: "), r.text
+    assert api.get(f"/v1/experiments/{ns}/long").status_code == 404
+
+
 def test_conflicts(api: httpx.Client) -> None:
     ns = "conflict"
     r = put(api, ns, "big", {**spec(), "lora": {"rank": MAX_RANK * 2, "alpha": 8}})

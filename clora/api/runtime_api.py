@@ -7,10 +7,11 @@ neither plane. Field names are camelCase on the wire, as in the resources.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from clora.api.base import SpecModel, StatusModel
 from clora.api.experiment_types import CheckpointRef, LoRAExperimentSpec, PublishedRef, Reward
@@ -39,21 +40,43 @@ class PutExperimentRequest(SpecModel):
     operator bounds its bytes; characters are never more than bytes.)"""
 
 
+# Bounds of one pushed sample and of one push (docs/security.md). The runtime also bounds a prompt in
+# tokens (EngineConfig.max_prompt_tokens) and the waiting queue (EngineConfig.max_queued_samples).
+SAMPLE_PROMPT_MAX_CHARS = 16384
+"""The longest pushed prompt, in characters (the user message, before the chat template)."""
+SAMPLE_ANSWER_MAX_CHARS = 4096
+"""The longest reference answer of a pushed sample, in characters."""
+SAMPLE_METADATA_MAX_BYTES = 16384
+"""The largest metadata of a pushed sample, as compact JSON, in bytes."""
+SAMPLES_PER_PUSH_MAX = 1024
+"""The most samples one POST .../samples carries."""
+
+
 class Sample(SpecModel):
     """One prompt for a continual experiment, with its reference answer."""
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=SAMPLE_PROMPT_MAX_CHARS)
     """The user message."""
-    answer: str = ""
+    answer: str = Field("", max_length=SAMPLE_ANSWER_MAX_CHARS)
     """The reference answer the reward compares against."""
     metadata: dict[str, Any] | None = None
-    """task http: passed to the verifier with the completion, as it is."""
+    """task http: passed to the verifier with the completion, as it is (at most
+    SAMPLE_METADATA_MAX_BYTES as JSON)."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            size = len(json.dumps(value, separators=(",", ":")).encode())
+            if size > SAMPLE_METADATA_MAX_BYTES:
+                raise ValueError(f"{size} bytes as JSON, above the limit of {SAMPLE_METADATA_MAX_BYTES}")
+        return value
 
 
 class PushSamplesRequest(SpecModel):
     """Body of POST /v1/experiments/{namespace}/{name}/samples."""
 
-    samples: list[Sample] = Field(min_length=1, max_length=100_000)
+    samples: list[Sample] = Field(min_length=1, max_length=SAMPLES_PER_PUSH_MAX)
     """Prompts appended to the experiment's queue, in order."""
 
 

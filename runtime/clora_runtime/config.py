@@ -53,8 +53,48 @@ class EngineConfig(BaseModel):
     tokens_per_tick: int = Field(
         65536,
         ge=1,
-        description="Sampling budget per tick in tokens (promptsPerStep x groupSize x maxNewTokens summed"
-        " over the experiments stepped in one tick; at least one experiment always steps).",
+        description="Sampling budget per tick in tokens: every row sampled in a tick counts its prompt"
+        " (chat template and system prompt included), what it generated in earlier ticks (prefilled"
+        " again) and the tokens it may generate in this one (at most maxTickNewTokens). Summed over the"
+        " experiments of the tick; the first row of the tick always runs, so every experiment progresses.",
+    )
+    max_tick_new_tokens: int = Field(
+        512,
+        ge=1,
+        description="The most tokens a completion grows by in one tick, which bounds a tick's decode"
+        " steps, hence its time, whatever an experiment's maxNewTokens: a longer completion is generated"
+        " over several ticks from its prompt and what it has so far. The experiment trains only once"
+        " all its step's completions are done, so every part is sampled with the same weights; the"
+        " split depends on this value alone (never on the neighbours), so results stay reproducible.",
+    )
+    max_tick_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="The largest share of tokensPerTick one experiment takes in a tick while other"
+        " experiments have work: the rows of its step beyond it are sampled in later ticks (its step"
+        " spans ticks), so a big experiment cannot starve its neighbours. Alone, it takes the whole budget.",
+    )
+    max_prompt_tokens: int = Field(
+        4096,
+        ge=16,
+        description="The longest prompt in tokens, chat template and system prompt included (also capped"
+        " by the model's context and the training micro-batch, less maxNewTokens). A PUT whose"
+        " spec.task.systemPrompt alone exceeds it is refused (422); a longer pushed sample or dataset"
+        " record is skipped for its experiment, with a message, and a pushed one is consumed.",
+    )
+    max_queued_samples: int = Field(
+        4096,
+        ge=1,
+        description="Pushed samples waiting per experiment: a POST .../samples that would queue more is"
+        " refused (422, naming `samples`). Trained-on samples leave memory; the queue file keeps them.",
+    )
+    max_experiments: int | None = Field(
+        None,
+        ge=1,
+        description="Experiments this runtime holds at once, suspended ones included (a suspended"
+        " experiment gives its slot back but keeps its record and queue): a PUT of a new one beyond it"
+        " is refused (409). None: 4 x maxAdapters.",
     )
     checkpoint_dir: Path = Field(
         default_factory=default_checkpoint_dir,
@@ -129,6 +169,11 @@ class EngineConfig(BaseModel):
     def roots(self) -> list[Path]:
         """The dataset roots in effect, resolved: dataset_roots, else the working directory."""
         return [Path(r).resolve() for r in self.dataset_roots] or [Path.cwd().resolve()]
+
+    @property
+    def experiments_cap(self) -> int:
+        """max_experiments, or its default of 4 x max_adapters."""
+        return self.max_experiments if self.max_experiments is not None else 4 * self.max_adapters
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -14,12 +14,23 @@ an admission's slot allocation): never across a tick's computation, so no route 
 - The sampler's own adapter copies (vLLM) are only touched on the tick thread, between ticks.
 
 One tick works on a snapshot taken at its start (StepPlan: the applied spec, the slot, the problems):
-a PUT that changes the spec meanwhile is applied from the next tick on. Every active experiment
-contributes promptsPerStep x groupSize rows to one sampling batch (phase sample), completions are
-scored (reward), one micro-batched forward/backward over the rows of every adapter and updatesPerBatch
-optimizer updates per adapter (train), then samplers are synced, states updated and checkpoints
-written (sync). New experiments are packed into the next tick; nothing runs inside another batch's
-computation.
+a PUT that changes the spec meanwhile is applied from the next step on. Every active experiment
+contributes rows (promptsPerStep x groupSize a step) to one sampling batch (phase sample), completions
+are scored (reward), one micro-batched forward/backward over the rows of every adapter and
+updatesPerBatch optimizer updates per adapter (train), then samplers are synced, states updated and
+checkpoints written (sync). New experiments are packed into the next tick; nothing runs inside another
+batch's computation.
+
+Budget and fairness. A row costs its prompt tokens (chat template, system prompt), what it generated
+in earlier ticks and the tokens it may generate now against tokensPerTick; no row grows by more than
+maxTickNewTokens in a tick (a tick's decode steps, hence its time, are bounded), and while several
+experiments have work none takes more than maxTickShare of the budget. A step whose rows do not all
+get done in a tick goes on in the next ones (StepPlan keeps what each row has): the experiment trains
+only when all are done, so every part is sampled with the step's weights; the parts are seeded by row
+and part, so the split never changes what is sampled but maxTickNewTokens does. A prompt longer than
+the runtime takes (maxPromptTokens, the model's context, the training micro-batch) or whose chat prompt
+cannot be built is skipped for its experiment with a message; a pushed one is consumed, so it is not
+tried again after a restart.
 
 Failures stay with their experiment: a task, reward, sampling or training error (an out-of-memory
 included) that one experiment's rows cause fails that experiment alone and the tick goes on. An error
@@ -126,6 +137,10 @@ class TickReport:
     train_counts: TokenCounts = field(default_factory=TokenCounts)  # what training ran, for FLOPs
     completions: dict[str, list[list[int]]] = field(default_factory=dict)  # key -> completion token ids
     rollouts: dict[str, list[Rollout]] = field(default_factory=dict)  # key -> this step's rollouts
+    # key -> tokens of tokensPerTick the experiment took in this tick (prompts, earlier parts, new tokens)
+    tick_tokens: dict[str, int] = field(default_factory=dict)
+    sampling: list[str] = field(default_factory=list)  # keys whose step goes on in a later tick
+    decode_steps: int = 0  # the most tokens any row generated in this tick (its decode steps)
 
     @property
     def duration(self) -> float:
@@ -154,8 +169,11 @@ class Experiment:
     busy: bool = False  # in the running tick's snapshot
     removing: bool = False  # DELETE arrived; finished at the end of the tick that holds it
     finishing: bool = False  # one thread has claimed the removal
-    queue: list[Sample] = field(default_factory=list)
-    queue_consumed: int = 0
+    queue: list[Sample] = field(default_factory=list)  # pushed samples from queue_base on
+    queue_consumed: int = 0  # samples trained on (or skipped), counted from the first ever pushed
+    queue_base: int = 0  # samples trained on that left memory (the queue file keeps them)
+    skipped: int = 0  # prompts skipped as too long or unreadable (pushed samples, dataset records)
+    pending: StepPlan | None = None  # a step whose sampling goes on in the next tick (tick thread)
     run_id: str = ""  # the run its checkpoints and queue belong to (checkpoint.py)
     records: list[Problem] | None = field(default=None, repr=False)  # its dataset, read at PUT
     task: Task | None = None
@@ -214,25 +232,88 @@ class StepPlan:
     reward_fn: RewardFn
     problems: list[Problem]
     prompts: list[list[int]]  # token ids of each problem's prompt
-    queue_taken: int  # pushed samples among the problems (consumed when the step completes)
+    queue_taken: int  # pushed samples the problems came from (consumed when the step completes)
     verifier_token: str | None = field(default=None, repr=False)
+    # Row r is member r % groupSize of prompt r // groupSize. A step whose rows do not all get done in
+    # one tick (maxTickNewTokens, maxTickShare, tokensPerTick) goes on in the next ones: each row keeps
+    # what it generated so far and grows by parts; the experiment does not train meanwhile, so every
+    # part is sampled with the weights the step started with.
+    generated: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float] | None] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)  # stopped at EOS
+    parts: list[int] = field(default_factory=list)  # parts sampled per row
+    rows: list[int] = field(default_factory=list)  # the rows sampled in the running tick
+    tick_tokens: int = 0  # what the running tick's rows count against tokensPerTick
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts) * self.spec.training.group_size
+        if not self.generated:
+            self.generated = [[] for _ in range(n)]
+            self.logprobs = [[] for _ in range(n)]
+            self.done, self.finished, self.parts = [False] * n, [False] * n, [0] * n
 
     @property
     def key(self) -> str:
         return self.exp.key
 
-    def requests(self) -> list[SampleRequest]:
+    @property
+    def complete(self) -> bool:
+        return all(self.done)
+
+    def open_rows(self) -> list[int]:
+        """Rows not done yet, those with the fewest parts first (a group's rows move together)."""
+        return sorted((r for r, d in enumerate(self.done) if not d), key=lambda r: (self.parts[r], r))
+
+    def part_tokens(self, row: int, max_tick_new: int) -> int:
+        return min(max_tick_new, self.spec.training.max_new_tokens - len(self.generated[row]))
+
+    def row_cost(self, row: int, max_tick_new: int) -> int:
+        """What the row's next part counts against tokensPerTick: its prompt and what it has so far
+        (prefilled) and the tokens it may generate."""
+        prompt = self.prompts[row // self.spec.training.group_size]
+        return len(prompt) + len(self.generated[row]) + self.part_tokens(row, max_tick_new)
+
+    def requests(self, max_tick_new: int) -> list[SampleRequest]:
+        """The next part of each row of `rows`: seeded by the row and the part alone, so a row's
+        tokens depend neither on its neighbours nor on how its parts fell into ticks."""
         t = self.spec.training
-        return [
-            SampleRequest(
-                adapter_key=self.key,
-                prompt_ids=prompt,
-                max_new_tokens=t.max_new_tokens,
-                temperature=t.temperature,
-                seed=derive_seed("sample", t.seed, self.step, p, g),
+        out = []
+        for row in self.rows:
+            p, g, part = row // t.group_size, row % t.group_size, self.parts[row]
+            seed = derive_seed("sample", t.seed, self.step, p, g, *([part] if part else []))
+            out.append(
+                SampleRequest(
+                    adapter_key=self.key,
+                    prompt_ids=self.prompts[p] + self.generated[row],
+                    max_new_tokens=self.part_tokens(row, max_tick_new),
+                    temperature=t.temperature,
+                    seed=seed,
+                )
             )
-            for p, prompt in enumerate(self.prompts)
-            for g in range(t.group_size)
+        return out
+
+    def advance(self, completions: list[Completion], max_tick_new: int) -> None:
+        """Append each sampled row's part. A row is done at EOS, at maxNewTokens, or when the sampler
+        gave fewer tokens than asked (it cut the row at the model's context)."""
+        for row, c in zip(self.rows, completions, strict=True):
+            asked = self.part_tokens(row, max_tick_new)
+            self.generated[row].extend(c.token_ids)
+            kept = self.logprobs[row]
+            both = kept is not None and c.logprobs is not None
+            self.logprobs[row] = [*kept, *c.logprobs] if both else None  # type: ignore[misc]
+            self.parts[row] += 1
+            self.finished[row] = c.finished
+            self.done[row] = (
+                c.finished
+                or len(c.token_ids) < asked
+                or len(self.generated[row]) >= self.spec.training.max_new_tokens
+            )
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(token_ids=t, finished=f, logprobs=lp)
+            for t, f, lp in zip(self.generated, self.finished, self.logprobs, strict=True)
         ]
 
 
@@ -340,6 +421,11 @@ class Engine:
                     current.verifier_token = verifier_token
                 return self._update(current, spec, records)
             task = self._validate_new(key, spec, records)
+            if len(self._experiments) >= self.config.experiments_cap:
+                raise ExperimentConflict(
+                    f"{key}: this runtime holds {len(self._experiments)} experiments, suspended ones"
+                    f" included, its maxExperiments {self.config.experiments_cap}; delete one first"
+                )
             own = checkpoint.experiment_dir(self.config.checkpoint_dir, namespace, name)
             run_id = checkpoint.new_run_id()
             if resume_from is not None:
@@ -416,6 +502,14 @@ class Engine:
         get_reward(spec.task.reward)
         if self.base is None:
             return task
+        if spec.task.system_prompt:
+            head = len(chat_prompt(self.base.tokenizer, "", spec.task.system_prompt))
+            limit, bound = self._prompt_limit(spec)
+            if head > limit:
+                raise ValueError(
+                    f"spec.task.systemPrompt: {head} tokens with the chat template (before any prompt),"
+                    f" above {bound}"
+                )
         try:
             problems = task.problems(0, spec.training.prompts_per_step) if spec.training.steps else []
         except Exception:  # the task fails at its first step, with its own message
@@ -482,6 +576,13 @@ class Engine:
         key = f"{namespace}/{name}"
         with self._lock:
             exp = self._get(key)
+            waiting = len(exp.queue) - max(0, exp.queue_consumed - exp.queue_base)
+            cap = self.config.max_queued_samples
+            if waiting + len(samples) > cap:
+                raise ValueError(
+                    f"samples: {key} has {waiting} pushed samples waiting; {len(samples)} more would"
+                    f" exceed this runtime's maxQueuedSamples {cap}"
+                )
             path = self._queue_path(exp)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -489,7 +590,7 @@ class Engine:
                     f.write(json.dumps(sample.wire()) + "\n")
                 f.flush()
             exp.queue.extend(samples)
-            return len(exp.queue) - exp.queue_consumed
+            return waiting + len(samples)
 
     def occupancy(self) -> list[tuple[str, int]]:
         """(key, per-tick sampling tokens) of every experiment holding a slot: what a pod of several
@@ -631,6 +732,7 @@ class Engine:
             self._evict(exp)
             with self._lock:
                 exp.phase, exp.message = "Suspended", "suspended; checkpointed and out of its slot"
+                exp.pending = None  # its step starts over on resume, from the checkpointed weights
             self._update_slot_metrics()
             return
         if not exp.announced:
@@ -645,8 +747,8 @@ class Engine:
                 exp.phase, exp.message = "Running", ""
 
     def _plan(self, failed: dict[str, str]) -> list[StepPlan]:
-        """The snapshot this tick works on: experiments least recently stepped first, within
-        tokensPerTick sampling tokens (the first always steps)."""
+        """The snapshot this tick works on: every experiment with work, least recently served first,
+        and the rows of each that this tick samples (_allot)."""
         assert self.bank is not None and self.base is not None
         with self._lock:
             candidates = [
@@ -660,41 +762,128 @@ class Engine:
                 and (e.spec.training.steps is None or e.step < e.spec.training.steps)
             ]
             candidates.sort(key=lambda c: (c[0].last_tick, c[0].key))
-        plans: list[StepPlan] = []
-        budget = self.config.tokens_per_tick
-        for exp, spec in candidates:
-            cost = spec.tokens_per_tick()
-            if cost > budget and plans:
-                continue
-            try:
-                reward_fn, task = self._task_of(exp, spec)
-                with self._lock:
-                    if exp.removing:  # a DELETE came while this was being planned
-                        continue
-                    n = spec.training.prompts_per_step
-                    pending = exp.queue[exp.queue_consumed : exp.queue_consumed + n]
-                    exp.busy = True
-                    step = exp.step
-                    token = exp.verifier_token
-                problems = [Problem(s.prompt, s.answer, s.metadata) for s in pending]
-                if len(problems) < n and spec.training.steps is not None:
-                    problems.extend(task.problems(step, n)[: n - len(problems)])
-                prompts = [
-                    chat_prompt(self.base.tokenizer, p.prompt, spec.task.system_prompt) for p in problems
-                ]
-            except Exception as err:
-                log.exception("task of %s failed", exp.key)
-                self._fail(exp, f"task {spec.task.name} failed: {type(err).__name__}: {err}")
-                failed[exp.key] = exp.message
-                self._release_one(exp)
-                continue
-            if not problems:
-                self._release_one(exp)  # a continual experiment with an empty queue waits
-                continue
+        plans = [plan for exp, spec in candidates if (plan := self._plan_one(exp, spec, failed)) is not None]
+        return self._allot(plans)
+
+    def _plan_one(self, exp: Experiment, spec: LoRAExperimentSpec, failed: dict[str, str]) -> StepPlan | None:
+        """The experiment's step in progress, else a new one (marked busy); None when it has nothing
+        to do. Prompts too long for this runtime, or whose chat prompt cannot be built, are skipped
+        with a message (pushed ones are consumed), so one bad prompt never stops a tick."""
+        assert self.bank is not None and self.base is not None
+        with self._lock:
+            if exp.removing or not exp.in_bank:  # a DELETE came while this was being planned
+                return None
+            exp.busy = True
             slot = self.bank.adapters[exp.key].slot
-            plans.append(StepPlan(exp, spec, step, slot, reward_fn, problems, prompts, len(pending), token))
-            budget -= cost
-        return plans
+            pending = exp.pending
+            if pending is not None and pending.step == exp.step and pending.slot == slot:
+                return pending
+            exp.pending = None
+            n = spec.training.prompts_per_step
+            start = max(0, exp.queue_consumed - exp.queue_base)
+            queued = exp.queue[start : start + n]
+            first = exp.queue_base + start  # the queue index of queued[0], for messages
+            step = exp.step
+            token = exp.verifier_token
+        try:
+            reward_fn, task = self._task_of(exp, spec)
+            limit, bound = self._prompt_limit(spec)
+            skipped: list[str] = []
+            problems: list[Problem] = []
+            prompts: list[list[int]] = []
+
+            def take(problem: Problem, origin: str) -> None:
+                try:
+                    ids = chat_prompt(self.base.tokenizer, problem.prompt, spec.task.system_prompt)  # type: ignore[union-attr]
+                except Exception as err:
+                    skipped.append(f"{origin}: its chat prompt cannot be built: {type(err).__name__}: {err}")
+                    return
+                if len(ids) > limit:
+                    skipped.append(f"{origin}: a prompt of {len(ids)} tokens, above {bound}")
+                    return
+                problems.append(problem)
+                prompts.append(ids)
+
+            for i, sample in enumerate(queued):
+                take(Problem(sample.prompt, sample.answer, sample.metadata), f"pushed sample {first + i}")
+            if len(problems) < n and spec.training.steps is not None:
+                for i, problem in enumerate(task.problems(step, n)[: n - len(problems)]):
+                    take(problem, f"step {step}'s problem {i}")
+        except Exception as err:
+            log.exception("task of %s failed", exp.key)
+            self._fail(exp, f"task {spec.task.name} failed: {type(err).__name__}: {err}")
+            failed[exp.key] = exp.message
+            self._release_one(exp)
+            return None
+        if skipped:
+            self._skipped(exp, skipped)
+        if not problems:
+            if queued:  # every queued one was skipped: consumed now, the next ones go next tick
+                with self._lock:
+                    exp.queue_consumed += len(queued)
+                self._consumed(exp)
+            elif skipped:  # no prompt of this step can run: it would be skipped again and again
+                self._fail(exp, f"no prompt of step {step} can run; {skipped[-1]}")
+                failed[exp.key] = exp.message
+            self._release_one(exp)  # a continual experiment with an empty queue waits
+            return None
+        return StepPlan(exp, spec, step, slot, reward_fn, problems, prompts, len(queued), token)
+
+    def _allot(self, plans: list[StepPlan]) -> list[StepPlan]:
+        """The rows each plan samples in this tick, in order, within tokensPerTick (row_cost: prompt
+        tokens included); while several experiments have work none takes more than maxTickShare of
+        it. The tick's first row always runs, so the tick makes progress whatever the sizes. Plans
+        that get no row wait (busy released; a step in progress stays pending)."""
+        budget = self.config.tokens_per_tick
+        share = budget if len(plans) <= 1 else max(1, int(self.config.max_tick_share * budget))
+        chunk = self.config.max_tick_new_tokens
+        chosen: list[StepPlan] = []
+        for plan in plans:
+            plan.rows, plan.tick_tokens = [], 0
+            for row in plan.open_rows():
+                cost = plan.row_cost(row, chunk)
+                if (chosen or plan.rows) and (plan.tick_tokens + cost > share or cost > budget):
+                    break
+                plan.rows.append(row)
+                plan.tick_tokens += cost
+                budget -= cost
+            if plan.rows:
+                chosen.append(plan)
+            else:
+                self._release_one(plan.exp)
+        return chosen
+
+    def _prompt_limit(self, spec: LoRAExperimentSpec) -> tuple[int, str]:
+        """The longest prompt (in tokens, chat template included) an experiment of this spec may
+        sample, and what sets it: maxPromptTokens, or the model's context or the training micro-batch
+        less maxNewTokens."""
+        new = spec.training.max_new_tokens
+        most = self.config.max_prompt_tokens
+        bounds = [(most, f"this runtime's maxPromptTokens {most}")]
+        micro = self.sizes.micro_batch_tokens
+        bounds.append((micro - new, f"the training micro-batch of {micro} tokens less maxNewTokens {new}"))
+        assert self.base is not None
+        context = getattr(self.sampler, "max_model_len", None) or getattr(
+            self.base.model.config, "max_position_embeddings", None
+        )
+        if isinstance(context, int):
+            bounds.append((context - new, f"the model's context of {context} tokens less maxNewTokens {new}"))
+        return min(bounds, key=lambda b: b[0])
+
+    def _skipped(self, exp: Experiment, reasons: list[str]) -> None:
+        with self._lock:
+            exp.skipped += len(reasons)
+            exp.message = f"skipped {exp.skipped} prompt(s) so far; the last: {reasons[-1]}"
+        log.warning("%s: skipped %d prompt(s): %s", exp.key, len(reasons), "; ".join(reasons))
+
+    def _consumed(self, exp: Experiment) -> None:
+        """Persist the consumed count and drop trained-on samples from memory (the file keeps them)."""
+        self._write_consumed(exp)
+        with self._lock:
+            drop = exp.queue_consumed - exp.queue_base
+            if drop > 0:
+                del exp.queue[:drop]
+                exp.queue_base += drop
 
     def _task_of(self, exp: Experiment, spec: LoRAExperimentSpec) -> tuple[RewardFn, Task]:
         """The experiment's task and reward for this spec, rebuilt only when the task changed."""
@@ -717,7 +906,20 @@ class Engine:
     def _step(self, plans: list[StepPlan], report: TickReport) -> None:
         """One step of every planned experiment: sample, reward, train, sync, each phase timed."""
         t0 = time.perf_counter()
-        sampled = self._sample(plans, report)
+        report.tick_tokens = {plan.key: plan.tick_tokens for plan in plans}
+        self._sample(plans, report)
+        sampled: list[tuple[StepPlan, list[Completion]]] = []
+        for plan in plans:
+            if plan.key in report.failed:
+                continue
+            if plan.complete:
+                plan.exp.pending = None
+                sampled.append((plan, plan.completions()))
+            else:  # goes on in a later tick; served now, so its neighbours go first next time
+                with self._lock:
+                    plan.exp.pending = plan
+                    plan.exp.last_tick = report.tick
+                report.sampling.append(plan.key)
         t1 = time.perf_counter()
         scored = self._score(sampled, report)
         t2 = time.perf_counter()
@@ -727,10 +929,11 @@ class Engine:
         self._sync(scored, result, rows_of, report, t3 - t0)
         report.seconds["sync"] = time.perf_counter() - t3
 
-    def _sample(self, plans: list[StepPlan], report: TickReport) -> list[tuple[StepPlan, list[Completion]]]:
-        """One sampling batch for every plan; if it fails, plan by plan, so that only the experiment
-        whose rows fail is failed."""
-        requests = [plan.requests() for plan in plans]
+    def _sample(self, plans: list[StepPlan], report: TickReport) -> None:
+        """One sampling batch of every plan's rows of this tick, each row's part appended to its plan;
+        if it fails, plan by plan, so that only the experiment whose rows fail is failed."""
+        chunk = self.config.max_tick_new_tokens
+        requests = [plan.requests(chunk) for plan in plans]
         prefilled = self.sampler.prefill_tokens if self.sampler is not None else 0
         try:
             completions = self._generate([r for rs in requests for r in rs])
@@ -753,9 +956,11 @@ class Engine:
             for key, message in errors.items():
                 self._fail(next(p.exp for p in plans if p.key == key), message)
                 report.failed[key] = message
+        for plan, cs in out:
+            plan.advance(cs, chunk)
         report.tokens_sampled = sum(len(c.token_ids) for _, cs in out for c in cs)
+        report.decode_steps = max((len(c.token_ids) for _, cs in out for c in cs), default=0)
         report.tokens_prefilled = (self.sampler.prefill_tokens if self.sampler is not None else 0) - prefilled
-        return out
 
     def _generate(self, requests: list[SampleRequest]) -> list[Completion]:
         assert self.sampler is not None
@@ -903,7 +1108,7 @@ class Engine:
                 while len(exp.rollouts) > self.config.rollout_steps:
                     exp.rollouts.popleft()
             if plan.queue_taken:
-                self._write_consumed(exp)
+                self._consumed(exp)
             report.stepped.append(plan.key)
             report.rewards[plan.key] = mean
             report.completions[plan.key] = [list(c.token_ids) for c in item.completions]
@@ -1046,6 +1251,7 @@ class Engine:
         with self._lock:
             exp.phase = "Failed"
             exp.message = message
+            exp.pending = None
         log.warning("experiment %s failed: %s", exp.key, message)
 
     def _checkpoint(self, exp: Experiment) -> CheckpointRef:
