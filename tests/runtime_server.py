@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -91,13 +92,15 @@ def start_runtime_server(
     python: str = sys.executable,
     ready_timeout: float = READY_TIMEOUT_S,
     wait_ready: bool = True,
+    max_open_files: int | None = None,
 ) -> RuntimeServer:
     """Start `clora runtime` (this interpreter's `python -m clora.cli runtime`) and wait for /readyz.
 
     token="auto" makes a random one; None starts it with --insecure-no-auth. With `token_file`, the
     token is written there and passed as CLORA_RUNTIME_TOKEN_FILE (as a mounted Secret would be)
     instead of CLORA_RUNTIME_TOKEN. `env` is added to this
-    process's environment (e.g. CLORA_CACHE_DIR). Raises RuntimeError with the log's tail if the
+    process's environment (e.g. CLORA_CACHE_DIR). `max_open_files` lowers the process's soft
+    RLIMIT_NOFILE (as a pod's may be). Raises RuntimeError with the log's tail if the
     process exits or is not ready in time.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -136,7 +139,15 @@ def start_runtime_server(
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     with log_path.open("ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limit = None if max_open_files is None else (max_open_files, hard)
+        process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            preexec_fn=None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+        )
     server = RuntimeServer(process, host, port, token, checkpoint_dir, log_path, args)
     if wait_ready:
         try:
