@@ -38,6 +38,114 @@ from clora.crdgen import openapi_schema
 Severity = Literal["error", "warning"]
 
 _MODELS: dict[str, type[BaseModel]] = {RUNTIME_KIND: LoRARuntime, EXPERIMENT_KIND: LoRAExperiment}
+
+# Hostile YAML (issue 17): what one file may ask of the parser. A manifest needs few aliases, if any;
+# a billion-laughs file needs many to grow exponentially. Kubernetes objects nest a few dozen levels at
+# most; Python's recursion limit (about 1000) is what a deeper file would otherwise hit.
+MAX_YAML_ALIASES = 100
+"""Aliases (*name) per file at most."""
+MAX_YAML_DEPTH = 100
+"""Nesting levels of mappings and sequences per document at most."""
+MAX_YAML_NODES = 1_000_000
+"""Nodes per document at most, each alias counted as the whole node it repeats: a few aliases of
+aliases (a billion laughs) expand exponentially."""
+
+
+def _measure(root: yaml.Node) -> None:
+    """Refuses a document whose aliases, expanded, exceed MAX_YAML_NODES or MAX_YAML_DEPTH (what every
+    later walk of the value would meet); each shared node is measured once."""
+    known: dict[int, tuple[int, int] | None] = {}  # id(node) -> (size, height); None while walked
+
+    def walk(node: yaml.Node, depth: int) -> int:
+        if id(node) in known:
+            found = known[id(node)]
+            if found is None:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias inside the node it names (a cycle)", node.start_mark
+                )
+            size, height = found
+        else:
+            known[id(node)] = None
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            size, height = 1, 0
+            for child in children:
+                size = min(MAX_YAML_NODES + 1, size + walk(child, depth + 1))
+                height = max(height, 1 + (known[id(child)] or (0, 0))[1])
+            known[id(node)] = (size, height)
+        if depth + height > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels (through aliases)", node.start_mark
+            )
+        if size > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"expands to more than {MAX_YAML_NODES} nodes (refused: an alias bomb?)",
+                node.start_mark,
+            )
+        return size
+
+    walk(root, 0)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses alias bombs, deep nesting and duplicate keys, each with a mark."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_ALIASES} aliases (refused: an alias bomb?)", mark
+                )
+        if self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    mark = self.peek_event().start_mark
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
+
+    def compose_document(self) -> Any:
+        root = super().compose_document()  # type: ignore[no-untyped-call]
+        if root is not None:
+            _measure(root)
+        return root
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (a later value would replace the earlier)",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DEFAULT_NAMESPACE = "default"
@@ -83,7 +191,8 @@ class Manifest:
 
     @property
     def kind(self) -> str:
-        return str(self.body.get("kind", ""))
+        kind = self.body.get("kind", "")
+        return kind if isinstance(kind, str) else ""
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -92,18 +201,20 @@ class Manifest:
 
     @property
     def namespace(self) -> str:
-        return str(self.metadata.get("namespace") or DEFAULT_NAMESPACE)
+        namespace = self.metadata.get("namespace")
+        return namespace if isinstance(namespace, str) and namespace else DEFAULT_NAMESPACE
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("name") or "")
+        name = self.metadata.get("name")
+        return name if isinstance(name, str) else ""
 
     @property
     def display_name(self) -> str:
         """NAME, or NAMESPACE/NAME when the manifest sets a namespace; a placeholder when unnamed."""
         name = self.name or f"<document {self.index}>"
         namespace = self.metadata.get("namespace")
-        return f"{namespace}/{name}" if namespace else name
+        return f"{namespace}/{name}" if isinstance(namespace, str) and namespace else name
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -337,9 +448,18 @@ def _is_transition(rule: str) -> bool:
 
 def _metadata_problems(body: dict[str, Any]) -> list[FieldProblem]:
     meta = body.get("metadata")
-    if not isinstance(meta, dict):
+    if meta is None:
         return [FieldProblem("metadata", "is required (with at least a name)")]
+    if not isinstance(meta, dict):
+        return [FieldProblem("metadata", f"must be a mapping (with at least a name), got {_describe(meta)}")]
     problems = []
+    for field_name in ("labels", "annotations"):
+        value = meta.get(field_name)
+        strings = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        )
+        if value is not None and not strings:
+            problems.append(FieldProblem(f"metadata.{field_name}", "must be a mapping of strings to strings"))
     name = meta.get("name")
     if name is None or name == "":
         if not meta.get("generateName"):
@@ -391,7 +511,7 @@ def check_object(body: dict[str, Any], old: dict[str, Any] | None = None) -> lis
     """Every problem the API server (and the operator, on its own) finds in one LoRARuntime or
     LoRAExperiment. `old`: the version it replaces, for transition rules (immutable fields)."""
     kind = body.get("kind")
-    if kind not in _MODELS:
+    if not isinstance(kind, str) or kind not in _MODELS:
         return [FieldProblem("kind", f"must be {RUNTIME_KIND} or {EXPERIMENT_KIND}")]
     problems = []
     api_version = body.get("apiVersion")
@@ -404,6 +524,8 @@ def check_object(body: dict[str, Any], old: dict[str, Any] | None = None) -> lis
     value, pruned = prepare(body)
     problems += pruned
     found_by_schema = schema_problems(value, schema)
+    if not isinstance(body.get("metadata"), dict):  # said once above, not again by the schema
+        found_by_schema = [p for p in found_by_schema if p.path != "metadata"]
     problems += found_by_schema
     old_value = prepare(old)[0] if old is not None else None
     problems += cel_problems(
@@ -475,7 +597,8 @@ def _is_ours(body: dict[str, Any]) -> bool:
     clora's kinds that lacks its apiVersion)."""
     api_version = body.get("apiVersion")
     if not isinstance(api_version, str):
-        return body.get("kind") in _MODELS
+        kind = body.get("kind")
+        return isinstance(kind, str) and kind in _MODELS
     return api_version.split("/")[0] == GROUP and "/" in api_version
 
 
@@ -552,7 +675,7 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[str], list[Problem]]
 def parse_documents(text: str, file: str) -> tuple[list[Manifest], list[Problem]]:
     """The YAML documents of one file's text; malformed YAML is one problem, never a traceback."""
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = list(yaml.load_all(text, Loader=_BoundedLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

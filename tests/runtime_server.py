@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -92,15 +93,17 @@ def start_runtime_server(
     ready_timeout: float = READY_TIMEOUT_S,
     wait_ready: bool = True,
     dataset_roots: Sequence[Path] | None = None,
+    max_open_files: int | None = None,
 ) -> RuntimeServer:
     """Start `clora runtime` (this interpreter's `python -m clora.cli runtime`) and wait for /readyz.
 
     token="auto" makes a random one; None starts it with --insecure-no-auth. With `token_file`, the
     token is written there and passed as CLORA_RUNTIME_TOKEN_FILE (as a mounted Secret would be)
     instead of CLORA_RUNTIME_TOKEN. `env` is added to this
-    process's environment (e.g. CLORA_CACHE_DIR). Raises RuntimeError with the log's tail if the
-    process exits or is not ready in time. `dataset_roots`: the runtime's --dataset-roots; None: the
-    folder checkpoint_dir is in (a test's tmp folder, where its datasets are written).
+    process's environment (e.g. CLORA_CACHE_DIR). `dataset_roots`: the runtime's --dataset-roots;
+    None: the folder checkpoint_dir is in (a test's tmp folder, where its datasets are written).
+    `max_open_files` lowers the process's soft RLIMIT_NOFILE (as a pod's may be). Raises RuntimeError
+    with the log's tail if the process exits or is not ready in time.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,15 @@ def start_runtime_server(
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     with log_path.open("ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limit = None if max_open_files is None else (max_open_files, hard)
+        process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            preexec_fn=None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+        )
     server = RuntimeServer(process, host, port, token, checkpoint_dir, log_path, args)
     if wait_ready:
         try:

@@ -396,6 +396,78 @@ def test_cli_non_yaml_and_empty_files(tmp_path: Path, content: str, message: str
     assert "Traceback" not in result.stderr
 
 
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A billion laughs: `levels` anchors, each a list of `width` aliases of the one before."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(f"    {line}" for line in lines)
+
+
+_HEAD = "apiVersion: clora.dev/v1alpha1\nkind: LoRARuntime\nmetadata:\n  name: x\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (_HEAD + "  annotations:\n" + _alias_bomb() + "\nspec: {baseModel: tiny}\n", "expands to more than"),
+        (
+            _HEAD + "  annotations:\n" + _alias_bomb(120, 1) + "\nspec: {baseModel: tiny}\n",
+            "more than 100 aliases",
+        ),
+        (_HEAD + "  labels: &l {a: *l}\nspec: {baseModel: tiny}\n", "a cycle"),
+        (_HEAD + "spec:\n  x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 100 levels"),
+        (_HEAD + "spec:\n  maxAdapters: 4\n  maxAdapters: 8\n", "duplicate key 'maxAdapters'"),
+    ],
+    ids=["alias bomb", "many aliases", "recursive alias", "deep nesting", "duplicate key"],
+)
+def test_cli_hostile_yaml_is_one_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(content, encoding="utf-8")
+    result = clora("validate", "-f", path)
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"{path}: malformed YAML at line ") and message in line, line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("metadata", "line"),
+    [
+        ("[1, 2]", "LoRARuntime/<document 1>: metadata: must be a mapping (with at least a name), got list"),
+        ('"abc"', "LoRARuntime/<document 1>: metadata: must be a mapping (with at least a name), got string"),
+        ("{name: x, labels: [a]}", "LoRARuntime/x: metadata.labels: must be a mapping of strings to strings"),
+        (
+            "{name: x, annotations: {a: {b: c}}}",
+            "metadata.annotations: must be a mapping of strings to strings",
+        ),
+        ("{name: {a: 1}}", "LoRARuntime/<document 1>: metadata.name: must be a lowercase RFC 1123 subdomain"),
+    ],
+    ids=["list", "string", "labels list", "annotation mapping", "name mapping"],
+)
+def test_cli_non_mapping_metadata_is_one_line(tmp_path: Path, metadata: str, line: str) -> None:
+    path = tmp_path / "meta.yaml"
+    path.write_text(
+        f"apiVersion: clora.dev/v1alpha1\nkind: LoRARuntime\nmetadata: {metadata}\n"
+        "spec: {baseModel: tiny}\n"
+    )
+    result = clora("validate", "-f", path)
+    assert result.returncode == 1
+    about_metadata = [x for x in result.stdout.splitlines() if ": metadata" in x]
+    assert about_metadata == [f"{path}: {line}"] or (
+        len(about_metadata) == 1 and line in about_metadata[0]
+    ), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["[a]", "{a: 1}"])
+def test_cli_a_kind_that_is_no_string_is_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "kind.yaml"
+    path.write_text(f"kind: {kind}\nmetadata: {{name: x}}\n")
+    result = clora("validate", "-f", path)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode in (0, 1)
+
+
 def test_cli_missing_file_and_binary_file(tmp_path: Path) -> None:
     binary = tmp_path / "model.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")

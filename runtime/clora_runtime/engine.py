@@ -555,6 +555,10 @@ class Engine:
         Removing (answered at once, removed=False) for the tick thread to finish at the tick's end.
         Repeated calls for a removed experiment answer its final checkpoint again."""
         key = f"{namespace}/{name}"
+        if key not in self._experiments and key not in self._removed:
+            # Unknown: answered without _lock, which an admission may hold a while (a checkpoint
+            # load); dict reads are atomic, and a PUT racing this DELETE is ordered after it.
+            raise ExperimentNotFound(f"experiment {key} not found")
         with self._lock:
             exp = self._experiments.get(key)
             if exp is None:
@@ -1222,8 +1226,9 @@ class Engine:
         self._evict(exp)
         gone = RemovedExperiment(namespace=exp.namespace, name=exp.name, checkpoint=ref)
         with self._lock:
-            self._experiments.pop(exp.key, None)
+            # In this order: remove() reads both without _lock and must find the key in one of them.
             self._removed[exp.key] = gone
+            self._experiments.pop(exp.key, None)
             while len(self._removed) > REMOVED_KEPT:
                 self._removed.popitem(last=False)
         if self.metrics is not None:

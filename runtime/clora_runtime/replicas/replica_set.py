@@ -42,7 +42,7 @@ from clora.metrics import label_replicas
 from clora.placement import EngineCapacity, Occupancy, choose_replica
 from clora_runtime.config import EngineConfig
 from clora_runtime.replicas.worker import Answer, ReplicaStatus, ReplicaWorker
-from clora_runtime.server.loop import LoopState
+from clora_runtime.server.loop import LoopState, stall_message
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,13 @@ class ReplicaLoops:
 
     @property
     def ready(self) -> bool:
-        """/readyz: running, and every replica up."""
-        return self.state == LoopState.RUNNING and self._replicas.all_up()
+        """/readyz: running, every replica up, none stalled."""
+        return self.state == LoopState.RUNNING and self._replicas.all_up() and self.stalled is None
+
+    @property
+    def stalled(self) -> str | None:
+        """The replicas whose running tick is past the tick deadline (as polled), or None."""
+        return self._replicas.stalled()
 
     @property
     def loaded(self) -> bool:
@@ -133,6 +138,7 @@ class ReplicaSet:
         gpus: int | None = None,
         log_level: str = "info",
         poll_interval_s: float = 0.5,
+        tick_deadline_s: float | None = None,
     ) -> None:
         if replicas < 2:
             raise ValueError("replicas: a ReplicaSet has 2 or more (1 runs the engine in-process)")
@@ -143,6 +149,7 @@ class ReplicaSet:
         self._gpus = gpus
         self._log_level = log_level
         self._poll_interval_s = poll_interval_s
+        self._tick_deadline_s = tick_deadline_s
         self._capacity = EngineCapacity(config.max_adapters, config.max_rank, config.tokens_per_tick)
         self._actors: list[Any] = []
         self._lock = threading.Lock()
@@ -178,6 +185,14 @@ class ReplicaSet:
         if self.loaded and any(self._available(i) for i in range(self.replicas)):
             return LoopState.RUNNING
         return LoopState.LOADING
+
+    def stalled(self) -> str | None:
+        found = [
+            f"replica {i}: {why}"
+            for i, s in enumerate(self._status)
+            if s is not None and (why := stall_message(s.tick_running_s, self._tick_deadline_s))
+        ]
+        return "; ".join(found) or None
 
     def all_up(self) -> bool:
         return all(self._available(i) for i in range(self.replicas))

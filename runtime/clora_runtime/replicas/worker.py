@@ -48,6 +48,7 @@ class ReplicaStatus:
     ticks: int
     incarnation: str  # new for every start of the actor process: how the pod sees a restart
     pid: int
+    tick_running_s: float | None = None  # how long its running tick has run (the stall deadline)
 
 
 class ReplicaWorker:
@@ -90,7 +91,13 @@ class ReplicaWorker:
     def status(self) -> ReplicaStatus:
         loop = self.loop
         return ReplicaStatus(
-            loop.state.value, loop.error, loop.loaded, loop.ticks, self.incarnation, os.getpid()
+            loop.state.value,
+            loop.error,
+            loop.loaded,
+            loop.ticks,
+            self.incarnation,
+            os.getpid(),
+            loop.tick_running_s(),
         )
 
     def upsert(

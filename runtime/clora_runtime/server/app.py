@@ -2,8 +2,10 @@
 
 Routes only validate and call the engine's thread-safe methods, none of which waits for a running
 tick: PUT admits into a free slot at once, DELETE removes at once or answers 202 while the tick that
-holds the experiment finishes (docs/runtime-api.md). Every route is a plain `def`, which FastAPI runs
-on its thread pool, so a slow call (a checkpoint write) never stalls the event loop.
+holds the experiment finishes (docs/runtime-api.md). Every engine route is a plain `def`, which
+FastAPI runs on its thread pool, so a slow call (a checkpoint write) never stalls the event loop. The
+probes are `async def` and read only the loop's state: they never wait for the engine's locks or for
+a thread of that pool, which slow calls may fill.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from clora.api.runtime_api import (
     Sample,
 )
 from clora_runtime.server.auth import bearer_matches
-from clora_runtime.server.errors import describe
+from clora_runtime.server.errors import client_file_error, describe
+from clora_runtime.server.limits import BodyLimit, ServerLimits
 from clora_runtime.server.loop import LoopState
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,8 @@ class LoopView(Protocol):
     state: LoopState
     error: str | None
     loaded: bool
-    ready: bool  # /readyz: RUNNING, and for several replicas every one of them up
+    ready: bool  # /readyz: RUNNING, not stalled, and for several replicas every one of them up
+    stalled: str | None  # why the running tick is past the tick deadline, or None
 
     def wake(self) -> None: ...
 
@@ -85,7 +89,7 @@ class LoopView(Protocol):
 class Health(BaseModel):
     """Answer of /healthz and /readyz."""
 
-    status: Literal["loading", "running", "stopping", "stopped", "dead"]
+    status: Literal["loading", "running", "stopping", "stopped", "dead", "stalled"]
     detail: str = ""
 
 
@@ -98,6 +102,7 @@ def _doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
     text = {
         401: "Missing or wrong bearer token.",
         404: "No such experiment on this runtime.",
+        413: "The request body is larger than the runtime's limit (--max-body-bytes); the detail says it.",
         409: "Refused: every slot is taken, the rank is above maxRank, a step needs more tokens than"
         " tokensPerTick, or an immutable field (runtime, lora) changed; the detail says which.",
         422: "The request is malformed; the detail names the field.",
@@ -144,13 +149,14 @@ def create_app(
     conflict: type[Exception],
     not_found: type[Exception],
     unavailable: type[Exception] | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The FastAPI app of one runtime. `token=None` serves without auth (local use only).
     `exposition` answers /metrics (RuntimeMetrics.exposition, or the replicas' merged).
 
     `conflict`/`not_found` are the engine's ExperimentConflict/ExperimentNotFound, passed in so this
     module does not import the engine (and torch) and can be tested on its own; `unavailable` (503) is
-    raised for an experiment whose replica is restarting.
+    raised for an experiment whose replica is restarting. `limits`: the body cap and timeout.
     """
     app = FastAPI(
         title="clora runtime",
@@ -159,6 +165,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    # The last added runs first: the token is checked before any body is read.
+    app.add_middleware(BodyLimit, limits=limits or ServerLimits())
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
     # Documents the scheme in /openapi.json; the middleware above enforces it.
@@ -201,15 +209,22 @@ def create_app(
         return _error(500, f"internal error: {type(exc).__name__}")
 
     @app.get("/healthz", tags=["probes"], responses={503: {"model": Health}})
-    def healthz() -> Response:
-        """Liveness: fails only when the engine loop died, so that the pod is restarted."""
+    async def healthz() -> Response:
+        """Liveness: fails when the engine loop died or its running tick is past the tick deadline
+        (--tick-deadline), so that the pod is restarted."""
         if loop.state == LoopState.DEAD:
             return JSONResponse(Health(status="dead", detail=loop.error or "").model_dump(), 503)
+        stalled = loop.stalled
+        if stalled is not None:
+            return JSONResponse(Health(status="stalled", detail=stalled).model_dump(), 503)
         return JSONResponse(Health(status=loop.state.value).model_dump(), 200)
 
     @app.get("/readyz", tags=["probes"], responses={503: {"model": Health}})
-    def readyz() -> Response:
-        """Readiness: the base model is loaded and the tick loop is running."""
+    async def readyz() -> Response:
+        """Readiness: the base model is loaded, the tick loop is running and not stalled."""
+        stalled = loop.stalled
+        if stalled is not None and loop.state == LoopState.RUNNING:
+            return JSONResponse(Health(status="stalled", detail=stalled).model_dump(), 503)
         body = Health(status=loop.state.value, detail=loop.error or "")
         return JSONResponse(body.model_dump(), 200 if loop.ready else 503)
 
@@ -246,7 +261,7 @@ def create_app(
         "/v1/experiments/{namespace}/{name}",
         tags=["experiments"],
         dependencies=bearer,
-        responses=_doc(*auth, 409, 422, 503),
+        responses=_doc(*auth, 409, 413, 422, 503),
     )
     def put_experiment(namespace: Namespace, name: Name, body: PutExperimentRequest) -> ExperimentState:
         """Adds an experiment, or updates its mutable fields (learningRate, steps, suspend, ...).
@@ -262,10 +277,13 @@ def create_app(
                 f"{namespace}/{name}: spec.training promptsPerStep x groupSize x maxNewTokens ="
                 f" {body.spec.tokens_per_tick()} tokens per step, above this runtime's tokensPerTick {budget}"
             )
+        dataset = body.spec.task.dataset
         state = _checked(
             lambda: engine.upsert(
                 namespace, name, body.spec, body.resume_from, body.verifier_token, body.dataset_text
-            )
+            ),
+            # The paths the client chose: an error reading them is its bad field, not a server fault.
+            files={"resumeFrom": body.resume_from, "spec.task.dataset.path": dataset and dataset.path},
         )
         loop.wake()
         return state
@@ -314,7 +332,7 @@ def create_app(
         "/v1/experiments/{namespace}/{name}/samples",
         tags=["experiments"],
         dependencies=bearer,
-        responses=_doc(*auth, 404, 422, 503),
+        responses=_doc(*auth, 404, 413, 422, 503),
     )
     def push_samples(namespace: Namespace, name: Name, body: PushSamplesRequest) -> PushSamplesResponse:
         """Appends prompts (with reference answers) to a continual experiment's queue (persisted)."""
@@ -334,11 +352,17 @@ class _Unprocessable(Exception):
     """Answered 422: the engine found a field it cannot accept (its ValueError names the field)."""
 
 
-def _checked(call: Callable[[], T]) -> T:
-    """Runs an engine call; a ValueError from it is the client's bad field, anything else a bug."""
+def _checked(call: Callable[[], T], files: dict[str, str | None] | None = None) -> T:
+    """Runs an engine call; a ValueError from it is the client's bad field, and so is an OSError on
+    one of `files` (field -> the path the client gave); anything else a bug."""
     try:
         return call()
     except ValidationError as e:
         raise _Unprocessable(describe(e.errors())) from e
     except ValueError as e:
         raise _Unprocessable(str(e) or "invalid value") from e
+    except OSError as e:
+        detail = client_file_error(e, files or {})
+        if detail is None:
+            raise
+        raise _Unprocessable(detail) from e

@@ -32,6 +32,13 @@ def load_token(environ: dict[str, str] | None = None) -> str:
             f"no API token: set {TOKEN_ENV} or {TOKEN_FILE_ENV} "
             "(or pass --insecure-no-auth for a local experiment on a trusted machine)"
         )
+    if not all("!" <= c <= "~" for c in token):
+        # An HTTP header carries bytes, not text: no client could send a token with other characters.
+        source = TOKEN_ENV if env.get(TOKEN_ENV, "").strip() else TOKEN_FILE_ENV
+        raise TokenMissing(
+            f"the API token from {source} must be printable ASCII without spaces (characters ! to ~),"
+            " as an HTTP header carries it; generate one with e.g. `openssl rand -hex 32`"
+        )
     return token
 
 

@@ -1,4 +1,5 @@
-"""Turns request-validation errors into one ErrorResponse detail that names each bad field.
+"""Turns request-validation errors (and client-caused file errors) into one ErrorResponse detail that
+names each bad field.
 
 FastAPI's own 422 body is a list of pydantic error objects; the operator and people want one line,
 e.g. "spec.training.groupSize: must be >= 2".
@@ -7,6 +8,7 @@ e.g. "spec.training.groupSize: must be >= 2".
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import PurePath
 from typing import Any
 
 # Where the value came from; the body's fields are named from the body's root, as on the wire.
@@ -74,3 +76,25 @@ def describe(errors: Iterable[Mapping[str, Any]]) -> str:
         if line not in lines:
             lines.append(line)
     return "; ".join(lines) or "invalid request"
+
+
+def client_file_error(error: OSError, files: Mapping[str, str | None]) -> str | None:
+    """The 422 detail of an OSError on a path the client chose (FileNotFoundError, PermissionError,
+    IsADirectoryError, NotADirectoryError, ...), naming its field; None when the error is about some
+    other file (the runtime's own: a fault of the server, answered 500).
+
+    `files` maps each field to the client's path; a file inside a client's folder (resumeFrom's
+    adapter_config.json) is that field's too.
+    """
+    failed = error.filename if isinstance(error.filename, str) else None
+    if failed is None:
+        return None
+    failed_path = PurePath(failed)
+    for field, given in files.items():
+        if not given:
+            continue
+        given_path = PurePath(given)
+        if failed_path == given_path or given_path in failed_path.parents:
+            why = error.strerror or type(error).__name__
+            return f"{field}: cannot read {failed}: {why}"
+    return None

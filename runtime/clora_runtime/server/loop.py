@@ -24,6 +24,16 @@ class Tickable(Protocol):
     def tick(self) -> object | None: ...
 
 
+def stall_message(tick_running_s: float | None, deadline_s: float | None) -> str | None:
+    """The probes' detail for a tick running past its deadline (--tick-deadline), or None."""
+    if tick_running_s is None or deadline_s is None or tick_running_s <= deadline_s:
+        return None
+    return (
+        f"stalled: the running tick has taken {tick_running_s:.0f} s,"
+        f" above the tick deadline of {deadline_s:g} s (--tick-deadline)"
+    )
+
+
 class LoopState(enum.StrEnum):
     LOADING = "loading"
     RUNNING = "running"
@@ -37,7 +47,8 @@ class TickLoop:
 
     An exception that escapes `tick()` is a fault of the engine, not of one experiment (those turn
     Failed inside the engine): the loop retries a few times, in case it was passing, then dies and
-    /readyz and /healthz say so, so that Kubernetes restarts the pod.
+    /readyz and /healthz say so, so that Kubernetes restarts the pod. A tick that runs longer than
+    `tick_deadline_s` (a hung sampler, a lock never released) makes `stalled` say so, and the probes too.
     """
 
     def __init__(
@@ -47,11 +58,14 @@ class TickLoop:
         after_tick: Callable[[], None] | None = None,
         idle_wait_s: float = 0.25,
         max_consecutive_failures: int = 3,
+        tick_deadline_s: float | None = None,
     ) -> None:
         self._engine = engine
         self._after_tick = after_tick
         self._idle_wait_s = idle_wait_s
         self._max_failures = max_consecutive_failures
+        self._tick_deadline_s = tick_deadline_s
+        self._tick_started: float | None = None  # time.monotonic() while a tick runs
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clora-tick-loop", daemon=True)
@@ -78,9 +92,20 @@ class TickLoop:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def tick_running_s(self) -> float | None:
+        """How long the running tick has run; None between ticks."""
+        started = self._tick_started
+        return None if started is None else time.monotonic() - started
+
+    @property
+    def stalled(self) -> str | None:
+        """Why the loop is stalled (its running tick is past the deadline), or None."""
+        running = self.tick_running_s()
+        return stall_message(running, self._tick_deadline_s)
+
     @property
     def ready(self) -> bool:
-        return self.state == LoopState.RUNNING
+        return self.state == LoopState.RUNNING and self.stalled is None
 
     def _run(self) -> None:
         try:
@@ -100,6 +125,7 @@ class TickLoop:
         failures = 0
         while not self._stop.is_set():
             self._wake.clear()
+            self._tick_started = time.monotonic()
             try:
                 report = self._engine.tick()
                 failures = 0
@@ -111,6 +137,8 @@ class TickLoop:
                     self.state = LoopState.DEAD
                     return
                 report = None
+            finally:
+                self._tick_started = None
             self.ticks += 1
             if self._after_tick is not None:
                 try:

@@ -31,6 +31,12 @@ log = logging.getLogger("clora.runtime")
 DEFAULT_GRACE_PERIOD_S = 25.0
 
 
+def _limit_fields() -> dict[str, Any]:
+    from clora_runtime.server.limits import ServerLimits
+
+    return dict(ServerLimits.model_fields)
+
+
 def _engine_fields() -> dict[str, Any]:
     from clora_runtime.config import EngineConfig
 
@@ -49,7 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     The engine flags are generated from the config model so its descriptions are the help text and
     its defaults stay in one place; values are validated by the model itself.
     """
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address to bind (default: all interfaces; 127.0.0.1 with --insecure-no-auth)",
+    )
     parser.add_argument("--port", type=int, default=RUNTIME_PORT, help=f"port (default {RUNTIME_PORT})")
     parser.add_argument(
         "--grace-period",
@@ -91,6 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs the pod's Ray instance manages (default: those it detects; on a CPU, N fake GPUs give"
         " each replica a device id of its own, as tests do)",
     )
+    limits = parser.add_argument_group("HTTP server limits (ServerLimits)")
+    for name, field in _limit_fields().items():
+        limits.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} (default: {field.get_default()})",
+        )
     engine = parser.add_argument_group("engine (EngineConfig)")
     for name, field in _engine_fields().items():
         default = field.get_default(call_default_factory=True)
@@ -105,13 +124,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
-
     from clora_runtime.config import EngineConfig
 
-    given = {name: getattr(args, name) for name in _engine_fields() if getattr(args, name, None) is not None}
+    return _from_flags(EngineConfig, _engine_fields(), args)
+
+
+def _server_limits(args: argparse.Namespace) -> Any:
+    from clora_runtime.server.limits import ServerLimits
+
+    return _from_flags(ServerLimits, _limit_fields(), args)
+
+
+def _from_flags(model: Any, fields: dict[str, Any], args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     try:
-        return EngineConfig.model_validate(given)
+        return model.model_validate(given)
     except ValidationError as e:
         lines = [
             f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()
@@ -137,6 +166,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"clora runtime: {e}", file=sys.stderr)
             return 2
     config = _engine_config(args)
+    limits = _server_limits(args).fitted_to_open_files()
+    # Without a token only this machine may call: an explicit --host is needed to serve a network.
+    host = args.host or ("127.0.0.1" if args.insecure_no_auth else "0.0.0.0")
     if args.replicas < 1:
         raise SystemExit("clora runtime: --replicas: must be at least 1")
     if args.devices_per_replica != 1:
@@ -146,11 +178,12 @@ def main(args: argparse.Namespace) -> int:
     runtime = Runtime(
         config,
         token=token,
-        host=args.host,
+        host=host,
         port=args.port,
         log_level=args.log_level,
         replicas=args.replicas,
         ray_gpus=args.ray_gpus,
+        limits=limits,
     )
     return runtime.run(args.grace_period)
 
@@ -169,10 +202,14 @@ class Runtime:
         log_level: str = "info",
         replicas: int = 1,
         ray_gpus: int | None = None,
+        limits: Any = None,
     ) -> None:
         import uvicorn
 
         from clora_runtime.server.app import create_app
+        from clora_runtime.server.limits import ServerLimits, guarded_protocol
+
+        limits = limits or ServerLimits()
 
         if replicas == 1:  # in-process, as always: ray is not even imported
             from clora.metrics import RuntimeMetrics
@@ -181,7 +218,7 @@ class Runtime:
 
             metrics = RuntimeMetrics.create()
             self.engine: Any = Engine(config, metrics)
-            self.loop: Any = TickLoop(self.engine)
+            self.loop: Any = TickLoop(self.engine, tick_deadline_s=limits.tick_deadline)
             app = create_app(
                 self.engine,
                 self.loop,
@@ -189,11 +226,14 @@ class Runtime:
                 token=token,
                 conflict=ExperimentConflict,
                 not_found=ExperimentNotFound,
+                limits=limits,
             )
         else:
             from clora_runtime.replicas import replica_set
 
-            self.engine = replica_set.ReplicaSet(config, replicas, gpus=ray_gpus, log_level=log_level)
+            self.engine = replica_set.ReplicaSet(
+                config, replicas, gpus=ray_gpus, log_level=log_level, tick_deadline_s=limits.tick_deadline
+            )
             self.loop = self.engine.loop
             app = create_app(
                 self.engine,
@@ -203,9 +243,19 @@ class Runtime:
                 conflict=replica_set.ExperimentConflict,
                 not_found=replica_set.ExperimentNotFound,
                 unavailable=replica_set.ReplicaUnavailable,
+                limits=limits,
             )
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                lifespan="off",
+                http=guarded_protocol(limits),  # h11 with the header timeout and the connection cap
+                timeout_keep_alive=limits.keep_alive_timeout,
+            )
         )
         self._signalled = threading.Event()
         self._signals = 0
