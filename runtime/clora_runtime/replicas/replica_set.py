@@ -441,6 +441,8 @@ class ReplicaSet:
             raise ExperimentConflict(answer.message)
         if answer.outcome == "not_found":
             raise ExperimentNotFound(answer.message)
+        if answer.os_error is not None:
+            raise OSError(*answer.os_error)
         raise ValueError(answer.message)
 
     def _each(self, method: str, *, timeout: float, replicas: Iterable[int] | None = None) -> dict[int, Any]:

@@ -26,7 +26,7 @@ from clora_runtime.config import EngineConfig
 from clora_runtime.server.errors import describe
 
 T = TypeVar("T")
-Outcome = Literal["ok", "conflict", "not_found", "invalid"]
+Outcome = Literal["ok", "conflict", "not_found", "invalid", "os_error"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Answer:
     outcome: Outcome
     value: Any = None
     message: str = ""
+    os_error: tuple[int | None, str | None, str | None] | None = None
+    """os_error: (errno, strerror, filename), raised again as an OSError in the pod, whose app tells a
+    file the client named (422) from the runtime's own (500)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class ReplicaWorker:
             return Answer("invalid", message=describe(e.errors()))
         except ValueError as e:
             return Answer("invalid", message=str(e) or "invalid value")
+        except OSError as e:
+            name = e.filename if isinstance(e.filename, str) else None
+            return Answer("os_error", message=str(e), os_error=(e.errno, e.strerror, name))
         if wake:
             self.loop.wake()
         return Answer("ok", value)
