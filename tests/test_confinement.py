@@ -185,3 +185,23 @@ def test_datasets_are_read_outside_the_lock_and_configmaps_come_in_the_put(
         ValueError, match=r"spec\.task\.dataset\.path: .* outside this runtime's dataset roots"
     ):
         engine.upsert("ns", "etc", spec_factory(task={"name": "gsm8k", "dataset": {"path": "/etc/hostname"}}))
+
+
+def test_a_restarted_replica_resumes_the_run_it_trained_not_a_phantoms(spec_factory: Any) -> None:
+    """The pod puts a lost replica's experiments back from the newest checkpoint of the run it last
+    saw them in; with no checkpoint seen, from the start (never the newest folder of any run)."""
+    from clora.api.experiment_types import CheckpointRef
+    from clora.api.runtime_api import ExperimentState
+    from clora_runtime.replicas.replica_set import _Placed, _run_of
+
+    spec = spec_factory()
+    seen = ExperimentState(
+        namespace="ns",
+        name="x",
+        phase="Running",
+        last_checkpoint=CheckpointRef(step=3, path="/ckpt/ns/x/step-00000003-aaaa0000"),
+    )
+    came = _Placed(spec=spec, resume_from="/ckpt/ns/x/step-00000001-cccc2222", replica=1)
+    assert _run_of(seen, came) == "aaaa0000"
+    assert _run_of(None, came) == "cccc2222"
+    assert _run_of(None, _Placed(spec=spec, resume_from=None, replica=1)) is None

@@ -177,6 +177,7 @@ async def test_operator_end_to_end(tmp_path: Path) -> None:
     checkpoints.mkdir()
     liveness_port = free_port()
     config = OperatorConfig(
+        allow_host_path=True,  # the shared checkpoint folder of the local kubelet's pods
         standalone=True,
         liveness_port=liveness_port,
         metrics_port=free_port(),

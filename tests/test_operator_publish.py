@@ -33,6 +33,7 @@ async def test_published_versions_move_the_experiments_model_adapter(tmp_path: P
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     config = OperatorConfig(
+        allow_host_path=True,  # the shared checkpoint folder of the local kubelet's pods
         standalone=True,
         liveness_port=free_port(),
         metrics_port=free_port(),

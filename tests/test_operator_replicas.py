@@ -56,6 +56,7 @@ async def test_replicas_fill_every_replica_of_every_pod_and_all_succeed(tmp_path
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     config = OperatorConfig(
+        allow_host_path=True,  # the shared checkpoint folder of the local kubelet's pods
         standalone=True,
         liveness_port=free_port(),
         metrics_port=free_port(),

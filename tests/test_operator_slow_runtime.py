@@ -39,6 +39,7 @@ async def test_a_slow_runtime_holds_up_nothing_else(tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     config = OperatorConfig(
+        allow_host_path=True,  # the shared checkpoint folder of the local kubelet's pods
         standalone=True,
         liveness_port=0,
         metrics_port=free_port(),
