@@ -332,7 +332,10 @@ def _schema_message(error: ValidationError) -> tuple[str, str]:
     v, expected, instance = error.validator, error.validator_value, error.instance
     if v == "type":
         names = expected if isinstance(expected, str) else " or ".join(expected)
-        return "", f"must be of type {names}, got {_describe(instance)}"
+        hint = ""
+        if expected == "array" and isinstance(instance, str):  # e.g. targetModules: all-linear
+            hint = f" (a list: [{instance}])"
+        return "", f"must be of type {names}{hint}, got {_describe(instance)}"
     if v == "enum":
         allowed = ", ".join(json.dumps(e) for e in expected)
         return "", f"must be one of {allowed}, got {json.dumps(instance, default=str)}"

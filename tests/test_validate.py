@@ -198,7 +198,7 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.lora.targetModules", "array"),
     # kubectl must write a list: the API server refuses the scalar shorthand that clora run takes.
     ("targetModules scalar", edit(EXPERIMENT, "spec.lora.targetModules", "all-linear"),
-     "spec.lora.targetModules", "array"),
+     "spec.lora.targetModules", "array (a list: [all-linear])"),
     ("targetModules all-linear and more",
      edit(EXPERIMENT, "spec.lora.targetModules", ["all-linear", "q_proj"]),
      "spec.lora.targetModules", "may only appear alone"),

@@ -82,35 +82,33 @@ def load_folder(path: str) -> tuple[list[LoRARuntime], list[LoRAExperiment], Sec
     return runtimes, experiments, secrets, config_maps
 
 
-def dataset_text(experiment: LoRAExperiment, config_maps: Secrets) -> str | None:
-    """The records of spec.task.dataset.configMap from the folder's ConfigMaps (as the operator sends
-    them to a runtime pod); None for another dataset; ManifestError if absent."""
-    dataset = experiment.spec.task.dataset
-    if dataset is None or dataset.config_map is None:
+def _referenced(experiment: LoRAExperiment, store: Secrets, ref: Any, field: str, kind: str) -> str | None:
+    """The value a {name, key} reference of the experiment names in the folder's objects of `kind`
+    (as the operator reads it in the experiment's namespace); None without a reference; ManifestError
+    if absent."""
+    if ref is None:
         return None
-    ref = dataset.config_map
-    value = config_maps.get((experiment.metadata.namespace, ref.name), {}).get(ref.key)
+    value = store.get((experiment.metadata.namespace, ref.name), {}).get(ref.key)
     if value is None:
         raise ManifestError(
-            f"LoRAExperiment {experiment.metadata.name}: spec.task.dataset.configMap: no ConfigMap"
-            f" {ref.name} with key {ref.key} in the folder"
+            f"LoRAExperiment {experiment.metadata.name}: {field}: no {kind} {ref.name} with key"
+            f" {ref.key} in the folder"
         )
     return value
+
+
+def dataset_text(experiment: LoRAExperiment, config_maps: Secrets) -> str | None:
+    """The records of spec.task.dataset.configMap (sent to the runtime as the operator sends them)."""
+    dataset = experiment.spec.task.dataset
+    ref = dataset.config_map if dataset is not None else None
+    return _referenced(experiment, config_maps, ref, "spec.task.dataset.configMap", "ConfigMap")
 
 
 def verifier_token(experiment: LoRAExperiment, secrets: Secrets) -> str | None:
-    """The value of spec.task.verifier.tokenSecret from the folder's Secrets; ManifestError if absent."""
+    """The value of spec.task.verifier.tokenSecret from the folder's Secrets."""
     verifier = experiment.spec.task.verifier
-    if verifier is None or verifier.token_secret is None:
-        return None
-    ref = verifier.token_secret
-    value = secrets.get((experiment.metadata.namespace, ref.name), {}).get(ref.key)
-    if value is None:
-        raise ManifestError(
-            f"LoRAExperiment {experiment.metadata.name}: spec.task.verifier.tokenSecret: no Secret"
-            f" {ref.name} with key {ref.key} in the folder"
-        )
-    return value
+    ref = verifier.token_secret if verifier is not None else None
+    return _referenced(experiment, secrets, ref, "spec.task.verifier.tokenSecret", "Secret")
 
 
 def choose(
