@@ -105,7 +105,8 @@ async def test_a_deeply_nested_experiment_fails_alone(tmp_path: Path) -> None:
                     raise AssertionError(f"{e}\n{log.read_text()[-3000:]}") from None
                 status = cluster.status("deep")
                 assert "targetModules" in status["message"], status["message"]
-                assert cluster.events("deep", "InvalidSpec")
+                # The Event is posted after the status write it reports.
+                await cluster.wait_for("the InvalidSpec event", lambda: cluster.events("deep", "InvalidSpec"))
 
 
 async def in_process_operator(cluster: Cluster, tmp_path: Path) -> Any:
@@ -189,7 +190,7 @@ async def test_privileged_runtimes_and_planted_secrets_get_no_pods(tmp_path: Pat
 
                 await cluster.wait_for(f"{name} refused", lambda r=reason, f=ready: f().get("reason") == r)
                 assert ready()["status"] == "False" and words in ready()["message"], ready()
-                assert cluster.events(name, reason)
+                await cluster.wait_for(f"the {reason} event", lambda n=name, r=reason: cluster.events(n, r))
             names = sorted(p["metadata"]["name"] for p in cluster.list("v1/pods"))
             assert names == ["fine-node-a"], names
             secret = cluster.get("v1/secrets", NS, "planted-token") or {}

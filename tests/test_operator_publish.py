@@ -84,10 +84,18 @@ async def test_published_versions_move_the_experiments_model_adapter(tmp_path: P
             assert status["published"]["step"] == 30 and status["published"]["name"] == "served"
             cond = next(c for c in status["conditions"] if c["type"] == "Published")
             assert cond["status"] == "True" and cond["reason"] == "Published"
+
             # One Event per version the operator saw (a poll may see only the newest), none repeated.
-            await cluster.wait_for("a Published event", lambda: cluster.events("served", "Published"))
-            messages = [e["message"] for e in cluster.events("served", "Published")]
-            assert len(messages) == len(set(messages)) and any(m.startswith("step 30 ") for m in messages)
+            # Events are posted after the status write that they report, so wait for step 30's.
+            def published_messages() -> list[str]:
+                return [e["message"] for e in cluster.events("served", "Published")]
+
+            await cluster.wait_for(
+                "the step 30 Published event",
+                lambda: any(m.startswith("step 30 ") for m in published_messages()),
+            )
+            messages = published_messages()
+            assert len(messages) == len(set(messages)), messages
 
             def adapter() -> dict:
                 return cluster.get(MODEL_ADAPTERS, NS, "served") or {}
