@@ -85,7 +85,9 @@ def test_a_poison_sample_is_skipped_for_its_experiment_alone_and_stays_consumed(
     tiny_engine: Any, spec_factory: Any, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    continual = spec_factory(training={"steps": None, "promptsPerStep": 2})
+    continual = spec_factory(
+        training={"steps": None, "promptsPerStep": 2}, checkpoint={"everySteps": 1, "keep": 3}
+    )
     clock = spec_factory(training={"steps": 1000})
     poison = Sample(prompt="hi " * 5000, answer="0")  # within the character bound, far above the tokens'
     good = [Sample(prompt=f"What is {i} + 1?", answer=str(i + 1)) for i in range(3)]
@@ -93,28 +95,40 @@ def test_a_poison_sample_is_skipped_for_its_experiment_alone_and_stays_consumed(
     engine = tiny_engine(checkpoint_dir=runs)
     engine.upsert("ns", "clock", clock)
     engine.upsert("ns", "learner", continual)
-    engine.push_samples("ns", "learner", [poison, *good])
-    for _ in range(4):
+    engine.push_samples("ns", "learner", good[:2])
+    report = engine.tick()
+    assert report is not None and report.stepped == ["ns/clock", "ns/learner"]
+    before_poison = engine.state("ns", "learner").last_checkpoint
+    assert before_poison is not None and before_poison.step == 1
+    engine.push_samples("ns", "learner", [poison, good[2]])
+    for _ in range(2):
         report = engine.tick()
         assert report is not None and not report.failed and "ns/clock" in report.stepped
     learner = engine.state("ns", "learner")
-    assert learner.phase == "Running" and learner.step == 2  # [poison, good], then [good, good]
-    assert "skipped 1 prompt(s)" in learner.message and "pushed sample 0" in learner.message
-    trained = {
-        r.prompt
-        for s in engine.rollouts("ns", "learner").steps
-        for r in engine.rollouts("ns", "learner", s).rollouts
-    }
-    assert poison.prompt not in trained
+    assert learner.phase == "Running" and learner.step == 2  # [good, good], then [poison, good]
+    assert "skipped 1 prompt(s)" in learner.message and "pushed sample 2" in learner.message
+    assert [r.prompt for r in engine.rollouts("ns", "learner", 1).rollouts] == [good[2].prompt] * 4
+    after_poison = learner.last_checkpoint
+    assert after_poison is not None and after_poison.step == 2
 
-    # The queue is persisted: a restarted runtime reads it, the poison stays consumed, the loop runs.
+    # The queue is persisted. A runtime resuming from before the poison reads it again: skipped
+    # again, for the learner alone, while the loop runs on.
     again = tiny_engine(checkpoint_dir=runs)
     again.upsert("ns", "clock", clock)
-    again.upsert("ns", "learner", continual)
+    again.upsert("ns", "learner", continual, resume_from=before_poison.path)
+    report = again.tick()
+    assert report is not None and report.stepped == ["ns/clock", "ns/learner"] and not report.failed
+    assert [r.prompt for r in report.rollouts["ns/learner"]] == [good[2].prompt] * 4
+    assert "skipped 1 prompt(s)" in again.state("ns", "learner").message
+
+    # Resuming from after it, the poison stays consumed: nothing is left to train on.
+    third = tiny_engine(checkpoint_dir=runs)
+    third.upsert("ns", "clock", clock)
+    third.upsert("ns", "learner", continual, resume_from=after_poison.path)
     for _ in range(2):
-        report = again.tick()
+        report = third.tick()
         assert report is not None and report.stepped == ["ns/clock"] and not report.failed
-    assert again.state("ns", "learner").step == 0  # nothing left to train on
+    assert third.state("ns", "learner").step == 2
 
 
 def test_a_queue_of_only_poison_is_consumed_without_a_step(

@@ -87,7 +87,15 @@ class EngineConfig(BaseModel):
         4096,
         ge=1,
         description="Pushed samples waiting per experiment: a POST .../samples that would queue more is"
-        " refused (422, naming `samples`). Trained-on samples leave memory; the queue file keeps them.",
+        " refused (422, naming `samples`). Trained-on samples leave memory; the queue file keeps them"
+        " until a checkpoint counts them.",
+    )
+    queue_compact_samples: int = Field(
+        1024,
+        ge=1,
+        description="A pushed-sample queue file is rewritten without the samples a checkpoint has"
+        " counted as trained on once it holds this many of them, so a continual experiment's file stays"
+        " about as small as what waits in it.",
     )
     max_experiments: int | None = Field(
         None,

@@ -40,10 +40,8 @@ the base model itself raises (the probe after every experiment failed alone) esc
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -70,7 +68,7 @@ from clora.api.runtime_api import (
     spec_digest,
 )
 from clora.metrics import RuntimeMetrics
-from clora_runtime import checkpoint
+from clora_runtime import checkpoint, sample_queue
 from clora_runtime.config import EngineConfig
 from clora_runtime.device_defaults import DeviceSizes
 from clora_runtime.lora.bank import AdapterBank, AdapterShape
@@ -171,7 +169,8 @@ class Experiment:
     finishing: bool = False  # one thread has claimed the removal
     queue: list[Sample] = field(default_factory=list)  # pushed samples from queue_base on
     queue_consumed: int = 0  # samples trained on (or skipped), counted from the first ever pushed
-    queue_base: int = 0  # samples trained on that left memory (the queue file keeps them)
+    queue_base: int = 0  # samples trained on that left memory (the queue file may keep them)
+    queue_file_base: int = 0  # samples compacted out of the queue file (sample_queue.py)
     skipped: int = 0  # prompts skipped as too long or unreadable (pushed samples, dataset records)
     pending: StepPlan | None = None  # a step whose sampling goes on in the next tick (tick thread)
     run_id: str = ""  # the run its checkpoints and queue belong to (checkpoint.py)
@@ -440,7 +439,9 @@ class Engine:
                 namespace=namespace, name=name, spec=spec, verifier_token=verifier_token, run_id=run_id
             )
             self._set_task(exp, spec, records, task)
-            exp.queue, exp.queue_consumed = self._read_queue(exp)
+            stored = sample_queue.read(self._queue_path(exp), key)
+            exp.queue, exp.queue_consumed = stored.samples, stored.consumed
+            exp.queue_base = exp.queue_file_base = stored.base
             self._removed.pop(key, None)
             self._experiments[key] = exp
             if spec.suspend:
@@ -587,12 +588,7 @@ class Engine:
                     f"samples: {key} has {waiting} pushed samples waiting; {len(samples)} more would"
                     f" exceed this runtime's maxQueuedSamples {cap}"
                 )
-            path = self._queue_path(exp)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample.wire()) + "\n")
-                f.flush()
+            sample_queue.append(self._queue_path(exp), samples)
             exp.queue.extend(samples)
             return waiting + len(samples)
 
@@ -881,8 +877,9 @@ class Engine:
         log.warning("%s: skipped %d prompt(s): %s", exp.key, len(reasons), "; ".join(reasons))
 
     def _consumed(self, exp: Experiment) -> None:
-        """Persist the consumed count and drop trained-on samples from memory (the file keeps them)."""
-        self._write_consumed(exp)
+        """Persist the consumed count and drop trained-on samples from memory (the file keeps them
+        until a checkpoint counts them: _compact_queue)."""
+        sample_queue.write_consumed(self._queue_path(exp), exp.queue_consumed)
         with self._lock:
             drop = exp.queue_consumed - exp.queue_base
             if drop > 0:
@@ -1189,7 +1186,17 @@ class Engine:
             exp.in_bank = True
             if resume:
                 state = checkpoint.load(self.bank, exp.key, Path(resume))
-                exp.step, exp.rewards, exp.queue_consumed = state.step, state.rewards, state.queue_consumed
+                exp.step, exp.rewards = state.step, state.rewards
+                exp.queue_consumed = max(state.queue_consumed, exp.queue_base)
+                if state.queue_consumed < exp.queue_base:  # older than the checkpoint that compacted
+                    log.warning(
+                        "%s: its queue no longer holds samples %d to %d (a newer checkpoint counted"
+                        " them); it goes on from sample %d",
+                        exp.key,
+                        state.queue_consumed,
+                        exp.queue_base - 1,
+                        exp.queue_base,
+                    )
                 exp.run_id = state.run_id  # a resume continues the checkpoint's run
                 exp.last_checkpoint = CheckpointRef(step=state.step, path=str(resume), time=None)
         except Exception as err:
@@ -1276,6 +1283,7 @@ class Engine:
         ref = CheckpointRef(step=state.step, path=str(path), time=when)
         with self._lock:
             exp.last_checkpoint = ref
+        self._compact_queue(exp, state.queue_consumed)
         if self.metrics is not None:
             self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
         self.publisher.offer(exp.namespace, exp.name, exp.spec.publish, ref, final=False)
@@ -1298,57 +1306,27 @@ class Engine:
 
     def _queue_path(self, exp: Experiment) -> Path:
         """The experiment's run's queue of pushed samples: another run under the same name (a PUT
-        without resumeFrom) has a queue of its own. Run "" (before run ids) kept samples.jsonl."""
-        stem = f"samples-{exp.run_id}" if exp.run_id else "samples"
+        without resumeFrom) has a queue of its own."""
         folder = checkpoint.experiment_dir(self.config.checkpoint_dir, exp.namespace, exp.name)
-        return folder / f"{stem}.jsonl"
+        return sample_queue.queue_path(folder, exp.run_id)
 
-    def _read_queue(self, exp: Experiment) -> tuple[list[Sample], int]:
-        """The persisted queue of a re-added experiment and how much of it was already trained on. A
-        line that does not parse (the last one torn by a crash while it was appended, whose POST was
-        never answered) is skipped with a warning, and a torn end cut off so that the next append
-        starts on a line of its own."""
+    def _compact_queue(self, exp: Experiment, counted: int) -> None:
+        """Drop from the queue file the samples a checkpoint just counted as consumed, once there are
+        queueCompactSamples of them: the file then holds what waits (sample_queue.py). The waiting
+        samples are written outside the lock; those pushed meanwhile are added under it."""
+        with self._lock:
+            if counted - exp.queue_file_base < self.config.queue_compact_samples or counted < exp.queue_base:
+                return  # too few to bother, or (never, by _consumed) no longer all in memory
+            end = exp.queue_base + len(exp.queue)
+            waiting = exp.queue[counted - exp.queue_base :]
         path = self._queue_path(exp)
-        if not path.is_file():
-            return [], 0
-        data = path.read_bytes()
-        samples: list[Sample] = []
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(Sample.model_validate_json(line))
-            except ValueError as err:
-                torn = number == len(lines)  # no newline after it: the write never finished
-                log.warning(
-                    "%s: %s line %d skipped (%s): %s",
-                    exp.key,
-                    path.name,
-                    number,
-                    "torn by a crash" if torn else "not a sample",
-                    str(err).splitlines()[0],
-                )
-        if not data.endswith(b"\n") and lines[-1].strip():
-            with path.open("r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
-        consumed_file = path.with_name(path.stem + ".consumed")
         try:
-            consumed = int(consumed_file.read_text()) if consumed_file.is_file() else 0
-        except ValueError:
-            log.warning("%s: %s is not a count; the queue starts at its beginning", exp.key, consumed_file)
-            consumed = 0
-        return samples, min(max(consumed, 0), len(samples))
-
-    def _write_consumed(self, exp: Experiment) -> None:
-        queue = self._queue_path(exp)
-        path = queue.with_name(queue.stem + ".consumed")
-        staging = path.with_name(f".{path.name}.tmp")
-        with staging.open("w") as f:
-            f.write(str(exp.queue_consumed))
-            f.flush()
-            os.fsync(f.fileno())
-        staging.replace(path)  # atomic: a crash leaves the old count or the new one
+            staging = sample_queue.start_compaction(path, counted, waiting)
+            with self._lock:
+                sample_queue.finish_compaction(staging, path, exp.queue[end - exp.queue_base :])
+                exp.queue_file_base = counted
+        except OSError as err:  # the old file stays whole; the next checkpoint tries again
+            log.warning("%s: compacting %s failed: %s", exp.key, path.name, err)
 
     def _update_slot_metrics(self) -> None:
         if self.metrics is None:
