@@ -95,11 +95,17 @@ async def test_replicas_fill_every_replica_of_every_pod_and_all_succeed(tmp_path
             for i in range(8):
                 await cluster.create(EXPERIMENTS, experiment(f"e{i}", steps=LONG))
             for i in range(8):
-                await cluster.wait_for(
-                    f"e{i} on a pod",
-                    lambda i=i: cluster.status(f"e{i}").get("phase") in ("Scheduled", "Running", "Succeeded"),
-                    timeout=120,
-                )
+                try:
+                    await cluster.wait_for(
+                        f"e{i} on a pod",
+                        lambda i=i: (
+                            cluster.status(f"e{i}").get("phase") in ("Scheduled", "Running", "Succeeded")
+                        ),
+                        timeout=240,  # once over 120 s in CI (not reproduced): the message shows why
+                    )
+                except AssertionError as err:
+                    shown = {f"e{j}": cluster.status(f"e{j}") for j in range(8)}
+                    raise AssertionError(f"{err}\npool: {pool()}\nexperiments: {shown}") from None
             token = cluster.get("v1/secrets", NS, f"{RUNTIME}-token")["stringData"]["token"]
             per_replica: Counter[tuple[str, int]] = Counter()
             async with httpx.AsyncClient(timeout=10) as http:
