@@ -71,9 +71,9 @@ def read(path: Path, key: str) -> StoredQueue:
         return StoredQueue([], 0, 0)
     data = path.read_bytes()
     lines = data.split(b"\n")
-    base = _header(lines[0]) if lines[0].strip() else None
+    header = _header(lines[0])
     samples: list[Sample] = []
-    first = 0 if base is None else 1
+    first = 0 if header is None else 1
     for number, line in enumerate(lines[first:], start=first + 1):
         if not line.strip():
             continue
@@ -92,7 +92,7 @@ def read(path: Path, key: str) -> StoredQueue:
     if not data.endswith(b"\n") and lines[-1].strip():
         with path.open("r+b") as f:
             f.truncate(len(data) - len(lines[-1]))
-    base = base or 0
+    base = header or 0
     counted = _consumed_path(path)
     try:
         consumed = int(counted.read_text()) if counted.is_file() else 0
